@@ -1,0 +1,1 @@
+//! The Docker API proxy on /var/run/weave/weave.sock.
