@@ -135,19 +135,42 @@ mod tests {
     #[test]
     fn parses_every_form() {
         let c = |s: &str| s.parse::<Ipv4Cidr>().expect("valid cidr");
-        assert_eq!("10.2.1.1/24".parse(), Ok(AddrSpec::Explicit(c("10.2.1.1/24"))));
-        assert_eq!("ip:10.2.1.1/24".parse(), Ok(AddrSpec::Explicit(c("10.2.1.1/24"))));
-        assert_eq!("net:10.2.3.7/24".parse(), Ok(AddrSpec::Subnet(c("10.2.3.0/24"))));
+        assert_eq!(
+            "10.2.1.1/24".parse(),
+            Ok(AddrSpec::Explicit(c("10.2.1.1/24")))
+        );
+        assert_eq!(
+            "ip:10.2.1.1/24".parse(),
+            Ok(AddrSpec::Explicit(c("10.2.1.1/24")))
+        );
+        assert_eq!(
+            "net:10.2.3.7/24".parse(),
+            Ok(AddrSpec::Subnet(c("10.2.3.0/24")))
+        );
         assert_eq!("net:default".parse(), Ok(AddrSpec::DefaultSubnet));
     }
 
     #[test]
     fn rejects_garbage() {
         for bad in [
-            "", "10.2.1.1", "10.2.1.1/33", "10.2.1/24", "10.2.1.1/", "10.2.1.1/024", "net:",
-            "net:foo", "ip:", "none", "10.2.1.1/2a", "1.2.3.4/ 8", "256.1.1.1/8",
+            "",
+            "10.2.1.1",
+            "10.2.1.1/33",
+            "10.2.1/24",
+            "10.2.1.1/",
+            "10.2.1.1/024",
+            "net:",
+            "net:foo",
+            "ip:",
+            "none",
+            "10.2.1.1/2a",
+            "1.2.3.4/ 8",
+            "256.1.1.1/8",
         ] {
-            assert!(bad.parse::<AddrSpec>().is_err(), "{bad:?} should be rejected");
+            assert!(
+                bad.parse::<AddrSpec>().is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 

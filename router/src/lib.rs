@@ -5,7 +5,174 @@
 //!
 //! Pure modules (no IO, unit-tested without root): [`addr`], [`api_types`], [`status`].
 //! Shells: [`bridge`] (the only place that talks rtnetlink), [`iptables`], [`api`] (HTTP server),
-//! [`client`] (HTTP client used by the CLI and the proxy).
+//! `control` (the task that owns the bridge), [`client`] (HTTP client used by the CLI and the
+//! proxy).
 
 pub mod addr;
+pub mod api;
 pub mod api_types;
+pub mod bridge;
+pub mod client;
+mod control;
+pub mod iptables;
+pub mod status;
+
+use std::collections::hash_map::RandomState;
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use bridge::{Bridge, BridgeError, MacAddr};
+pub use iptables::IptablesError;
+
+/// Weave's mesh port (shown in status; the mesh itself comes next).
+pub const MESH_PORT: u16 = 6783;
+/// Default bridge name.
+pub const DEFAULT_BRIDGE: &str = "weave";
+/// Default bridge MTU (Weave's fastdp default; fits GCE's 1460 with encapsulation).
+pub const DEFAULT_MTU: u32 = 1376;
+
+/// How long the bridge owner gets to finish a command in flight at shutdown.
+const CONTROL_GRACE: Duration = Duration::from_secs(10);
+
+/// Everything `run` needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterConfig {
+    /// HTTP API address, normally 127.0.0.1:6784.
+    pub http_addr: SocketAddr,
+    /// Bridge name, normally `weave`.
+    pub bridge_name: String,
+    /// Bridge MTU (and of every container interface); default 1376.
+    pub mtu: u32,
+    /// Shown next to the peer name, normally the host name.
+    pub nickname: String,
+    /// Where the Docker API proxy listens (shown by `weave status`, served by `/proxyaddrs`);
+    /// empty when there is no proxy.
+    pub proxy_addrs: Vec<String>,
+    /// Release string shown by `weave status` / `weave version`.
+    pub version: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
+    #[error(transparent)]
+    Iptables(#[from] IptablesError),
+    #[error("cannot listen on {addr} for the HTTP API: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A random non-zero u64 (peer UID: detects restarts).
+fn random_u64() -> u64 {
+    loop {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default(),
+        );
+        hasher.write_u32(std::process::id());
+        let value = hasher.finish();
+        if value != 0 {
+            return value;
+        }
+    }
+}
+
+/// Run the router: ensure the bridge and its iptables rules, re-apply the rules of addresses
+/// already exposed on the bridge, then serve the HTTP API until `shutdown` resolves. The bridge
+/// and attached containers stay in place afterwards, so local traffic keeps flowing.
+pub async fn run(
+    config: RouterConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RouterError> {
+    let mut bridge = Bridge::new(&config.bridge_name)?;
+    let mac = bridge.ensure(config.mtu).await?;
+    iptables::ensure_forward_rules(&config.bridge_name).await?;
+    iptables::flush_expose_rules().await?;
+    for cidr in bridge.bridge_addrs().await? {
+        iptables::expose_rules(&config.bridge_name, cidr, false).await?;
+        tracing::info!(%cidr, "re-exposed bridge address");
+    }
+    let listener = TcpListener::bind(config.http_addr)
+        .await
+        .map_err(|source| RouterError::Listen {
+            addr: config.http_addr,
+            source,
+        })?;
+    tracing::info!(
+        bridge = %config.bridge_name,
+        mtu = config.mtu,
+        name = %mac,
+        nickname = %config.nickname,
+        api = %config.http_addr,
+        "weave router started"
+    );
+
+    let uid = random_u64();
+    let snapshot = status::StatusSnapshot {
+        ready: true,
+        version: config.version.clone(),
+        router: status::RouterStatus::alone(
+            &mac.to_string(),
+            &config.nickname,
+            MESH_PORT,
+            uid,
+            (uid >> 52) as u16,
+        ),
+        proxy: (!config.proxy_addrs.is_empty()).then(|| status::ProxyStatus {
+            addresses: config.proxy_addrs.clone(),
+        }),
+    };
+    // The sender stays here: the mesh will publish updates through it.
+    let (_status_tx, status_rx) = watch::channel(snapshot);
+    let (control, owner) = control::spawn(bridge);
+    let state = api::ApiState {
+        control,
+        status: status_rx,
+    };
+    api::serve(listener, state, shutdown).await;
+    // Every handle is gone with the server, so the owner stops after the command in flight.
+    let abort = owner.abort_handle();
+    if tokio::time::timeout(CONTROL_GRACE, owner).await.is_err() {
+        abort.abort();
+    }
+    tracing::info!("weave router stopped");
+    Ok(())
+}
+
+/// Create (or reuse) the bridge `name` with `mtu` in the calling thread's network namespace and
+/// return its MAC. For `weave launch`, which may set up the bridge before the router runs.
+pub async fn create_bridge(name: &str, mtu: u32) -> Result<MacAddr, RouterError> {
+    let mut bridge = Bridge::new(name)?;
+    Ok(bridge.ensure(mtu).await?)
+}
+
+/// The MAC of the existing bridge `name` (the peer name a restarted router keeps), if any.
+pub async fn bridge_mac(name: &str) -> Result<Option<MacAddr>, RouterError> {
+    Ok(Bridge::new(name)?.mac().await?)
+}
+
+/// `weave reset`: delete the bridge, every weave veth and every weave iptables rule and chain.
+/// Idempotent. A host without the iptables command has no rules to remove.
+pub async fn reset(name: &str) -> Result<(), RouterError> {
+    Bridge::new(name)?.destroy().await?;
+    match iptables::remove_all(name).await {
+        Ok(()) => Ok(()),
+        Err(IptablesError::NotFound) => {
+            tracing::warn!("iptables not found: no weave rules to remove");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}

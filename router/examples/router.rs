@@ -1,0 +1,43 @@
+//! Run the router alone, for poking at it with curl (root; ideally inside `unshare --net`):
+//! `cargo run -p weave-router --example router -- [HTTP_ADDR] [BRIDGE] [MTU]`. Stops on Ctrl-C.
+
+use std::process::ExitCode;
+
+use weave_router::{run, RouterConfig, DEFAULT_BRIDGE, DEFAULT_MTU};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut args = std::env::args().skip(1);
+    let http_addr = args.next().unwrap_or_else(|| "127.0.0.1:6784".into());
+    let bridge_name = args.next().unwrap_or_else(|| DEFAULT_BRIDGE.into());
+    let mtu = args.next().map(|m| m.parse()).unwrap_or(Ok(DEFAULT_MTU));
+    let (Ok(http_addr), Ok(mtu)) = (http_addr.parse(), mtu) else {
+        eprintln!("usage: router [HTTP_ADDR] [BRIDGE] [MTU]");
+        return ExitCode::FAILURE;
+    };
+    let config = RouterConfig {
+        http_addr,
+        bridge_name,
+        mtu,
+        nickname: "example".into(),
+        proxy_addrs: Vec::new(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weave router: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

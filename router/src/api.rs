@@ -1,0 +1,764 @@
+//! The router's HTTP API on 127.0.0.1:6784 (shell around a pure router of paths).
+//!
+//! Routes (bodies in [`crate::api_types`]; the client side is [`crate::client`]):
+//! `GET /status`, `GET /status/{targets|connections|peers}` (text; 503 while not ready),
+//! `GET /report` (indented JSON), `GET /proxyaddrs` (one per line; 404 without a proxy),
+//! `POST /attach/{id}`, `POST /detach/{id}`, `GET /interfaces/{pid}`,
+//! `GET /interfaces/weave:expose`, `POST /expose/{ip}/{len}[?skipNAT=true]` (204),
+//! `DELETE /expose/{ip}/{len}` (204), and `GET /` or `GET /health` for readiness.
+//! Errors are `{"message": ...}`: 400 for bad input, 404 for unknown routes or absent things,
+//! 500 for operational failures.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::addr::{AddrSpec, Ipv4Cidr};
+use crate::api_types::{ApiError, AttachRequest, DetachRequest, DetachResponse};
+use crate::bridge::BridgeError;
+use crate::control::{ControlError, ControlHandle};
+use crate::status::{self, StatusSnapshot};
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+/// How long open connections get to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The message for address specs that need IPAM.
+pub const IPAM_UNAVAILABLE: &str =
+    "IP address allocation (IPAM) is not available yet: use an explicit address like 10.32.1.1/24";
+/// `GET /interfaces/{target}` for the bridge itself.
+pub const BRIDGE_TARGET: &str = "weave:expose";
+
+/// What the API needs: the bridge owner and the latest status.
+pub(crate) struct ApiState {
+    pub(crate) control: ControlHandle,
+    pub(crate) status: watch::Receiver<StatusSnapshot>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StatusView {
+    Summary,
+    Targets,
+    Connections,
+    Peers,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum InterfaceTarget {
+    Pid(i32),
+    Bridge,
+}
+
+/// A parsed request line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    Health,
+    Status(StatusView),
+    Report,
+    ProxyAddrs,
+    Attach { container: String },
+    Detach { container: String },
+    Interfaces(InterfaceTarget),
+    Expose { cidr: Ipv4Cidr, skip_nat: bool },
+    Hide { cidr: Ipv4Cidr },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RouteError {
+    NotFound(String),
+    MethodNotAllowed(String),
+    BadRequest(String),
+}
+
+impl RouteError {
+    fn status(&self) -> StatusCode {
+        match self {
+            RouteError::NotFound(_) => StatusCode::NOT_FOUND,
+            RouteError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            RouteError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            RouteError::NotFound(m)
+            | RouteError::MethodNotAllowed(m)
+            | RouteError::BadRequest(m) => m,
+        }
+    }
+}
+
+/// Decode `%XX` escapes in one path segment; `None` for bad escapes or non-UTF-8.
+fn percent_decode(segment: &str) -> Option<String> {
+    if !segment.contains('%') {
+        return Some(segment.to_string());
+    }
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `skipNAT` from a query string (absent → false).
+fn skip_nat(query: Option<&str>) -> Result<bool, RouteError> {
+    let mut skip = false;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
+        if key != "skipNAT" {
+            continue;
+        }
+        skip = match value {
+            "true" | "1" | "" => true,
+            "false" | "0" => false,
+            other => {
+                return Err(RouteError::BadRequest(format!(
+                    "invalid skipNAT value {other:?}: expected true or false"
+                )))
+            }
+        };
+    }
+    Ok(skip)
+}
+
+fn container_id(raw: &str) -> Result<String, RouteError> {
+    if raw.is_empty() || raw.len() > 256 || raw.chars().any(char::is_control) {
+        return Err(RouteError::BadRequest(format!(
+            "invalid container id {raw:?}"
+        )));
+    }
+    Ok(raw.to_string())
+}
+
+fn parse_pid(raw: &str) -> Result<i32, RouteError> {
+    match raw.parse::<i32>() {
+        Ok(pid) if pid > 0 => Ok(pid),
+        _ => Err(RouteError::BadRequest(format!(
+            "invalid pid {raw:?}: expected a positive process id or {BRIDGE_TARGET}"
+        ))),
+    }
+}
+
+fn parse_cidr(ip: &str, len: &str) -> Result<Ipv4Cidr, RouteError> {
+    format!("{ip}/{len}")
+        .parse()
+        .map_err(|e: crate::addr::AddrError| RouteError::BadRequest(e.to_string()))
+}
+
+/// Map a request line to a [`Route`] (pure).
+pub(crate) fn parse_route(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Route, RouteError> {
+    let not_found = || RouteError::NotFound(format!("no such route: {method} {path}"));
+    let raw = path.strip_prefix('/').ok_or_else(not_found)?;
+    let segments = raw
+        .split('/')
+        .map(percent_decode)
+        .collect::<Option<Vec<String>>>()
+        .ok_or_else(|| RouteError::BadRequest(format!("invalid escape in path {path:?}")))?;
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let (allowed, route): (&[Method], Result<Route, RouteError>) = match segs.as_slice() {
+        [""] | ["health"] => (&[Method::GET], Ok(Route::Health)),
+        ["status"] => (&[Method::GET], Ok(Route::Status(StatusView::Summary))),
+        ["status", view] => {
+            let view = match *view {
+                "targets" => StatusView::Targets,
+                "connections" => StatusView::Connections,
+                "peers" => StatusView::Peers,
+                _ => return Err(not_found()),
+            };
+            (&[Method::GET], Ok(Route::Status(view)))
+        }
+        ["report"] => (&[Method::GET], Ok(Route::Report)),
+        ["proxyaddrs"] => (&[Method::GET], Ok(Route::ProxyAddrs)),
+        ["attach", id] => (
+            &[Method::POST],
+            container_id(id).map(|container| Route::Attach { container }),
+        ),
+        ["detach", id] => (
+            &[Method::POST],
+            container_id(id).map(|container| Route::Detach { container }),
+        ),
+        ["interfaces", target] => {
+            let target = if *target == BRIDGE_TARGET {
+                Ok(InterfaceTarget::Bridge)
+            } else {
+                parse_pid(target).map(InterfaceTarget::Pid)
+            };
+            (&[Method::GET], target.map(Route::Interfaces))
+        }
+        ["expose", ip, len] => {
+            let cidr = parse_cidr(ip, len);
+            let route = if method == Method::DELETE {
+                cidr.map(|cidr| Route::Hide { cidr })
+            } else {
+                cidr.and_then(|cidr| {
+                    Ok(Route::Expose {
+                        cidr,
+                        skip_nat: skip_nat(query)?,
+                    })
+                })
+            };
+            (&[Method::POST, Method::DELETE], route)
+        }
+        _ => return Err(not_found()),
+    };
+    if !allowed.contains(method) {
+        return Err(RouteError::MethodNotAllowed(format!(
+            "method {method} not allowed on {path}"
+        )));
+    }
+    route
+}
+
+/// Is this address usable on an interface?
+fn usable(cidr: &Ipv4Cidr) -> Result<(), String> {
+    let ip = cidr.addr;
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() || ip.is_broadcast() {
+        return Err(format!("{cidr} is not a usable host address"));
+    }
+    Ok(())
+}
+
+/// Explicit addresses only (deduplicated, order kept): `net:` specs need IPAM.
+pub(crate) fn explicit_addrs(specs: &[AddrSpec]) -> Result<Vec<Ipv4Cidr>, String> {
+    let mut out: Vec<Ipv4Cidr> = Vec::with_capacity(specs.len());
+    for spec in specs {
+        match spec {
+            AddrSpec::Explicit(cidr) => {
+                usable(cidr)?;
+                if !out.contains(cidr) {
+                    out.push(*cidr);
+                }
+            }
+            AddrSpec::Subnet(_) | AddrSpec::DefaultSubnet => {
+                return Err(IPAM_UNAVAILABLE.to_string())
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn check_pid(pid: i32) -> Result<(), String> {
+    if pid <= 0 {
+        return Err(format!("invalid pid {pid}: must be greater than 0"));
+    }
+    Ok(())
+}
+
+/// The addresses an attach asks for; an attach without any would need IPAM.
+pub(crate) fn validate_attach(req: &AttachRequest) -> Result<Vec<Ipv4Cidr>, String> {
+    check_pid(req.pid)?;
+    if req.addrs.is_empty() {
+        return Err(IPAM_UNAVAILABLE.to_string());
+    }
+    explicit_addrs(&req.addrs)
+}
+
+/// The addresses a detach removes (empty = all).
+pub(crate) fn validate_detach(req: &DetachRequest) -> Result<Vec<Ipv4Cidr>, String> {
+    check_pid(req.pid)?;
+    explicit_addrs(&req.addrs)
+}
+
+fn control_status(e: &ControlError) -> StatusCode {
+    match e {
+        ControlError::Bridge(
+            BridgeError::InvalidPid(_) | BridgeError::HostNetns { .. } | BridgeError::InvalidMtu(_),
+        ) => StatusCode::BAD_REQUEST,
+        ControlError::Bridge(BridgeError::NoSuchProcess { .. }) => StatusCode::NOT_FOUND,
+        ControlError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    if let Ok(value) = header::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    resp
+}
+
+fn text(status: StatusCode, body: String) -> Resp {
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Resp {
+    match serde_json::to_vec(value) {
+        Ok(body) => respond(status, "application/json", body),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding reply: {e}"),
+        ),
+    }
+}
+
+/// Indented with four spaces, like Go's `json.MarshalIndent(v, "", "    ")`.
+fn json_pretty<T: Serialize>(status: StatusCode, value: &T) -> Resp {
+    let mut body = Vec::new();
+    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut body, formatter);
+    match value.serialize(&mut ser) {
+        Ok(()) => {
+            body.push(b'\n');
+            respond(status, "application/json", body)
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding report: {e}"),
+        ),
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Resp {
+    let message = message.into();
+    if status.is_server_error() {
+        tracing::warn!(%status, %message, "API request failed");
+    } else {
+        tracing::debug!(%status, %message, "API request refused");
+    }
+    json(status, &ApiError { message })
+}
+
+fn no_content() -> Resp {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    resp
+}
+
+/// Read a capped JSON body.
+async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, Resp> {
+    let bytes = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("request body larger than {MAX_BODY} bytes"),
+            ))
+        }
+        Err(e) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("reading request body: {e}"),
+            ))
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {e}"),
+        )
+    })
+}
+
+async fn handle(state: &ApiState, req: Request<Incoming>) -> Resp {
+    let route = match parse_route(req.method(), req.uri().path(), req.uri().query()) {
+        Ok(route) => route,
+        Err(e) => return error(e.status(), e.message()),
+    };
+    match route {
+        Route::Health => text(StatusCode::OK, "ok\n".to_string()),
+        Route::Status(view) => {
+            let snapshot = state.status.borrow().clone();
+            let body = match view {
+                StatusView::Summary => status::render_status(&snapshot),
+                StatusView::Targets => status::render_targets(&snapshot),
+                StatusView::Connections => status::render_connections(&snapshot),
+                StatusView::Peers => status::render_peers(&snapshot),
+            };
+            let code = if snapshot.ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(code, body)
+        }
+        Route::Report => {
+            let snapshot = state.status.borrow().clone();
+            json_pretty(StatusCode::OK, &status::report(&snapshot))
+        }
+        Route::ProxyAddrs => {
+            let addrs = state
+                .status
+                .borrow()
+                .proxy
+                .as_ref()
+                .map(|p| p.addresses.clone())
+                .unwrap_or_default();
+            if addrs.is_empty() {
+                return error(StatusCode::NOT_FOUND, "the proxy is not running");
+            }
+            text(
+                StatusCode::OK,
+                addrs.iter().map(|a| format!("{a}\n")).collect(),
+            )
+        }
+        Route::Attach { container } => {
+            let body: AttachRequest = match read_json(req.into_body()).await {
+                Ok(body) => body,
+                Err(resp) => return resp,
+            };
+            let addrs = match validate_attach(&body) {
+                Ok(addrs) => addrs,
+                Err(message) => return error(StatusCode::BAD_REQUEST, message),
+            };
+            tracing::debug!(%container, pid = body.pid, "attach");
+            match state
+                .control
+                .attach(body.pid, addrs, body.no_multicast_route, body.keep_tx_on)
+                .await
+            {
+                Ok(resp) => json(StatusCode::OK, &resp),
+                Err(e) => error(control_status(&e), e.to_string()),
+            }
+        }
+        Route::Detach { container } => {
+            let body: DetachRequest = match read_json(req.into_body()).await {
+                Ok(body) => body,
+                Err(resp) => return resp,
+            };
+            let addrs = match validate_detach(&body) {
+                Ok(addrs) => addrs,
+                Err(message) => return error(StatusCode::BAD_REQUEST, message),
+            };
+            tracing::debug!(%container, pid = body.pid, "detach");
+            match state.control.detach(body.pid, addrs).await {
+                Ok(removed) => json(
+                    StatusCode::OK,
+                    &DetachResponse {
+                        removed: removed.iter().map(ToString::to_string).collect(),
+                    },
+                ),
+                Err(e) => error(control_status(&e), e.to_string()),
+            }
+        }
+        Route::Interfaces(target) => {
+            let found = match target {
+                InterfaceTarget::Pid(pid) => state.control.interface(pid).await,
+                InterfaceTarget::Bridge => state.control.bridge_interface().await,
+            };
+            match found {
+                Ok(Some(info)) => json(StatusCode::OK, &info),
+                Ok(None) => error(StatusCode::NOT_FOUND, "no weave interface"),
+                Err(e) => error(control_status(&e), e.to_string()),
+            }
+        }
+        Route::Expose { cidr, skip_nat } => {
+            if let Err(message) = usable(&cidr) {
+                return error(StatusCode::BAD_REQUEST, message);
+            }
+            match state.control.expose(cidr, skip_nat).await {
+                Ok(()) => no_content(),
+                Err(e) => error(control_status(&e), e.to_string()),
+            }
+        }
+        Route::Hide { cidr } => match state.control.hide(cidr).await {
+            Ok(()) => no_content(),
+            Err(e) => error(control_status(&e), e.to_string()),
+        },
+    }
+}
+
+/// Serve the API on `listener` until `shutdown` resolves, then give open connections a short
+/// grace period.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    state: ApiState,
+    shutdown: impl Future<Output = ()>,
+) {
+    let state = Arc::new(state);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let span = tracing::debug_span!("api_conn", %peer);
+                    conns.spawn(
+                        serve_conn(stream, peer, state.clone(), stop_rx.clone()).instrument(span),
+                    );
+                }
+                Err(e) => {
+                    // Out of fds or similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::debug!("closing API connections that did not finish in time");
+    }
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<ApiState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let service = service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        let span = tracing::debug_span!("api", method = %req.method(), path = %req.uri().path());
+        async move { Ok::<_, Infallible>(handle(&state, req).await) }.instrument(span)
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "API connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cidr(s: &str) -> Ipv4Cidr {
+        s.parse().expect("valid cidr")
+    }
+
+    #[test]
+    fn routes() {
+        let get = Method::GET;
+        let post = Method::POST;
+        let ok = |m: &Method, p: &str, q: Option<&str>| parse_route(m, p, q).expect(p);
+        assert_eq!(ok(&get, "/", None), Route::Health);
+        assert_eq!(
+            ok(&get, "/status", None),
+            Route::Status(StatusView::Summary)
+        );
+        assert_eq!(
+            ok(&get, "/status/targets", None),
+            Route::Status(StatusView::Targets)
+        );
+        assert_eq!(
+            ok(&get, "/status/connections", None),
+            Route::Status(StatusView::Connections)
+        );
+        assert_eq!(
+            ok(&get, "/status/peers", None),
+            Route::Status(StatusView::Peers)
+        );
+        assert_eq!(ok(&get, "/report", Some("format=x")), Route::Report);
+        assert_eq!(ok(&get, "/proxyaddrs", None), Route::ProxyAddrs);
+        assert_eq!(
+            ok(&post, "/attach/5245643870f1", None),
+            Route::Attach {
+                container: "5245643870f1".into()
+            }
+        );
+        assert_eq!(
+            ok(&post, "/detach/abc", None),
+            Route::Detach {
+                container: "abc".into()
+            }
+        );
+        assert_eq!(
+            ok(&get, "/interfaces/1234", None),
+            Route::Interfaces(InterfaceTarget::Pid(1234))
+        );
+        assert_eq!(
+            ok(&get, "/interfaces/weave:expose", None),
+            Route::Interfaces(InterfaceTarget::Bridge)
+        );
+        assert_eq!(
+            ok(&get, "/interfaces/weave%3Aexpose", None),
+            Route::Interfaces(InterfaceTarget::Bridge)
+        );
+        assert_eq!(
+            ok(&post, "/expose/10.2.1.1/24", None),
+            Route::Expose {
+                cidr: cidr("10.2.1.1/24"),
+                skip_nat: false
+            }
+        );
+        assert_eq!(
+            ok(&post, "/expose/10.2.1.1/24", Some("skipNAT=true")),
+            Route::Expose {
+                cidr: cidr("10.2.1.1/24"),
+                skip_nat: true
+            }
+        );
+        assert_eq!(
+            ok(&Method::DELETE, "/expose/10.2.1.1/24", None),
+            Route::Hide {
+                cidr: cidr("10.2.1.1/24")
+            }
+        );
+    }
+
+    #[test]
+    fn route_errors() {
+        let get = Method::GET;
+        let post = Method::POST;
+        let err = |m: &Method, p: &str, q: Option<&str>| {
+            parse_route(m, p, q).expect_err(p).status().as_u16()
+        };
+        assert_eq!(err(&get, "/nope", None), 404);
+        assert_eq!(err(&get, "/status/dns", None), 404);
+        assert_eq!(err(&get, "/status/", None), 404);
+        assert_eq!(err(&get, "/attach/x/y", None), 404);
+        assert_eq!(err(&get, "relative", None), 404);
+        assert_eq!(err(&get, "/attach/abc", None), 405);
+        assert_eq!(err(&post, "/status", None), 405);
+        assert_eq!(err(&Method::PUT, "/expose/10.2.1.1/24", None), 405);
+        assert_eq!(err(&post, "/attach/", None), 400);
+        assert_eq!(err(&get, "/interfaces/0", None), 400);
+        assert_eq!(err(&get, "/interfaces/-3", None), 400);
+        assert_eq!(err(&get, "/interfaces/abc", None), 400);
+        assert_eq!(err(&post, "/expose/10.2.1/24", None), 400);
+        assert_eq!(err(&post, "/expose/10.2.1.1/33", None), 400);
+        assert_eq!(
+            err(&post, "/expose/10.2.1.1/24", Some("skipNAT=maybe")),
+            400
+        );
+        assert_eq!(err(&get, "/interfaces/%zz", None), 400);
+        assert_eq!(err(&get, "/interfaces/%ff", None), 400);
+    }
+
+    #[test]
+    fn attach_validation() {
+        let req = |pid: i32, addrs: &[&str]| AttachRequest {
+            pid,
+            addrs: addrs
+                .iter()
+                .map(|a| a.parse().expect("valid spec"))
+                .collect(),
+            no_multicast_route: false,
+            keep_tx_on: false,
+        };
+        assert_eq!(
+            validate_attach(&req(10, &["10.2.1.1/24", "ip:10.2.1.1/24", "10.2.2.1/24"])),
+            Ok(vec![cidr("10.2.1.1/24"), cidr("10.2.2.1/24")])
+        );
+        assert_eq!(
+            validate_attach(&req(10, &["10.2.1.1/24", "net:default"])),
+            Err(IPAM_UNAVAILABLE.to_string())
+        );
+        assert_eq!(
+            validate_attach(&req(10, &["net:10.2.0.0/16"])),
+            Err(IPAM_UNAVAILABLE.to_string())
+        );
+        assert_eq!(
+            validate_attach(&req(10, &[])),
+            Err(IPAM_UNAVAILABLE.to_string())
+        );
+        assert!(validate_attach(&req(0, &["10.2.1.1/24"])).is_err());
+        assert!(validate_attach(&req(-5, &["10.2.1.1/24"])).is_err());
+        for bad in [
+            "0.0.0.0/8",
+            "224.0.0.1/4",
+            "127.0.0.1/8",
+            "255.255.255.255/32",
+        ] {
+            assert!(validate_attach(&req(10, &[bad])).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn detach_validation() {
+        let req = |pid: i32, addrs: &[&str]| DetachRequest {
+            pid,
+            addrs: addrs
+                .iter()
+                .map(|a| a.parse().expect("valid spec"))
+                .collect(),
+        };
+        assert_eq!(validate_detach(&req(10, &[])), Ok(vec![]));
+        assert_eq!(
+            validate_detach(&req(10, &["10.2.1.1/24"])),
+            Ok(vec![cidr("10.2.1.1/24")])
+        );
+        assert!(validate_detach(&req(10, &["net:default"])).is_err());
+        assert!(validate_detach(&req(0, &[])).is_err());
+    }
+
+    #[test]
+    fn bodies_decode_strictly() {
+        let bad: Result<AttachRequest, _> = serde_json::from_str(r#"{"pid": "x", "addrs": []}"#);
+        assert!(bad.is_err());
+        let bad: Result<AttachRequest, _> =
+            serde_json::from_str(r#"{"pid": 3, "addrs": ["10.2.1.1"]}"#);
+        assert!(bad.is_err());
+        let good: AttachRequest =
+            serde_json::from_str(r#"{"pid": 3, "addrs": ["10.2.1.1/24"]}"#).expect("valid body");
+        assert!(!good.no_multicast_route && !good.keep_tx_on);
+    }
+
+    #[test]
+    fn error_statuses() {
+        let status = |e: BridgeError| control_status(&ControlError::Bridge(e)).as_u16();
+        assert_eq!(status(BridgeError::HostNetns { pid: 1 }), 400);
+        assert_eq!(status(BridgeError::InvalidPid(0)), 400);
+        assert_eq!(status(BridgeError::NoSuchProcess { pid: 9 }), 404);
+        assert_eq!(
+            status(BridgeError::NoBridge {
+                name: "weave".into()
+            }),
+            500
+        );
+        assert_eq!(control_status(&ControlError::Stopped).as_u16(), 503);
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%3Ab").as_deref(), Some("a:b"));
+        assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
+        assert_eq!(percent_decode("bad%2"), None);
+        assert_eq!(percent_decode("%C3%A9").as_deref(), Some("é"));
+    }
+}

@@ -1,0 +1,226 @@
+//! The `weave` command line (clap derive). Parsing only; each command runs in `cmd/`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub const DEFAULT_PROXY_SOCKET: &str = "/var/run/weave/weave.sock";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weave",
+    about = "Weave Net: one virtual Ethernet switch for the containers of every host",
+    version,
+    disable_version_flag = true
+)]
+pub struct Cli {
+    /// The router's control API (Weave's WEAVE_HTTP_ADDR).
+    #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weave_router::client::DEFAULT_HTTP_ADDR, global = true, hide = true)]
+    pub http_addr: SocketAddr,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the weave bridge and start the router (container `weave`) and the proxy
+    /// (container `weaveproxy`).
+    Launch(LaunchArgs),
+    /// Stop the router and the proxy; attached containers keep talking on this host.
+    Stop,
+    /// Stop weave and remove its containers, bridge, iptables rules and state.
+    Reset {
+        /// Reset even when weave is not running.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the shell commands that point the docker client at the weave proxy.
+    Env {
+        /// Print the command that points the docker client back at dockerd.
+        #[arg(long)]
+        restore: bool,
+    },
+    /// Print the docker client flag that points it at the weave proxy.
+    Config,
+    /// Show the status of the router and proxy.
+    Status {
+        /// targets, connections, peers, dns or ipam
+        sub: Option<String>,
+    },
+    /// Show everything weave knows, as JSON.
+    Report {
+        /// A template such as `{{.Router.Name}}` or `{{len .Router.Peers}}`.
+        #[arg(short = 'f', long = "format")]
+        format: Option<String>,
+    },
+    /// List weave interfaces: `<container> <mac> <cidr>...`.
+    Ps { containers: Vec<String> },
+    /// Attach a running container to the weave network: `weave attach [addr...] <container>`.
+    Attach(AttachArgs),
+    /// Remove addresses (all when none given) from a container: `weave detach [addr...] <container>`.
+    Detach {
+        /// Addresses, then the container.
+        #[arg(required = true, num_args = 1..)]
+        args: Vec<String>,
+    },
+    /// Give the host an address on the weave network: `weave expose <addr>...`.
+    Expose {
+        addrs: Vec<String>,
+        /// Register this name for the host (needs weaveDNS, coming later).
+        #[arg(short = 'h', long = "fqdn")]
+        fqdn: Option<String>,
+    },
+    /// Remove host addresses added with expose: `weave hide <addr>...`.
+    Hide { addrs: Vec<String> },
+    /// `docker run -d` the arguments, then attach the container: `weave run [addr...] <docker run args>`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
+    /// Print the version of this client and of the running router.
+    Version,
+    /// Run the router daemon in the foreground (what the `weave` container runs).
+    #[command(hide = true)]
+    Router(RouterArgs),
+    /// Run the Docker API proxy daemon in the foreground (what `weaveproxy` runs).
+    #[command(hide = true)]
+    Proxy(ProxyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// Encrypt traffic between peers with this password (peers come with the next release).
+    #[arg(long, env = "WEAVE_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// MTU of the weave bridge and container interfaces.
+    #[arg(long, env = "WEAVE_MTU", default_value_t = 1376)]
+    pub mtu: u32,
+    /// Do not restart the router and proxy containers when they exit or at boot.
+    #[arg(long)]
+    pub no_restart: bool,
+    /// This host's nickname (default: the hostname).
+    #[arg(long)]
+    pub nickname: Option<String>,
+    /// Do not start the Docker API proxy.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub proxy: bool,
+    /// Extra unix socket paths for the proxy (symlinked to /var/run/weave/weave.sock).
+    #[arg(short = 'H')]
+    pub listen: Vec<String>,
+    #[command(flatten)]
+    pub proxy_opts: ProxyOptions,
+    /// Peers to connect to (the mesh comes with the next release).
+    pub peers: Vec<String>,
+}
+
+/// Proxy behaviour flags shared by `weave launch` and the proxy daemon.
+#[derive(Debug, Clone, Args)]
+pub struct ProxyOptions {
+    /// Take the container hostname from this label.
+    #[arg(long)]
+    pub hostname_from_label: Option<String>,
+    /// Regex applied to the container name to derive its hostname.
+    #[arg(long, default_value = "(.*)")]
+    pub hostname_match: String,
+    /// Replacement for --hostname-match ($1, ${name}).
+    #[arg(long, default_value = "$1")]
+    pub hostname_replacement: String,
+    /// Show the weave address in `docker inspect`.
+    #[arg(long)]
+    pub rewrite_inspect: bool,
+    /// Leave containers without WEAVE_CIDR alone.
+    #[arg(long)]
+    pub no_default_ipalloc: bool,
+    /// Do not add the 224.0.0.0/4 route on ethwe.
+    #[arg(long)]
+    pub no_multicast_route: bool,
+    /// Do not set hostname/DNS options of containers.
+    #[arg(long)]
+    pub without_dns: bool,
+    /// Leave TX checksum offload on (only for fast datapaths).
+    #[arg(long, hide = true)]
+    pub keep_tx_on: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Do not register the container in weaveDNS.
+    #[arg(long)]
+    pub without_dns: bool,
+    /// Do not add the 224.0.0.0/4 route on ethwe.
+    #[arg(long)]
+    pub no_multicast_route: bool,
+    /// Rewrite /etc/hosts (accepted for compatibility; comes with weaveDNS).
+    #[arg(long)]
+    pub rewrite_hosts: bool,
+    /// Addresses, then the container.
+    #[arg(required = true, num_args = 1..)]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RouterArgs {
+    #[arg(long, default_value = "weave")]
+    pub bridge: String,
+    #[arg(long, default_value_t = 1376)]
+    pub mtu: u32,
+    #[arg(long)]
+    pub nickname: Option<String>,
+    /// Proxy addresses to report on /proxyaddrs (repeatable).
+    #[arg(long = "proxy-addr")]
+    pub proxy_addrs: Vec<String>,
+    pub peers: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Upstream dockerd.
+    #[arg(long, default_value = "unix:///var/run/docker.sock")]
+    pub docker_api: String,
+    #[arg(long, default_value = DEFAULT_PROXY_SOCKET)]
+    pub socket: PathBuf,
+    /// Where the weavewait entrypoint binaries live on the host.
+    #[arg(long, default_value = "/var/lib/weave/weavewait")]
+    pub weavewait_dir: PathBuf,
+    #[arg(long, default_value = "weave.local.")]
+    pub dns_domain: String,
+    #[command(flatten)]
+    pub opts: ProxyOptions,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_user_forms() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.command);
+        assert!(matches!(
+            parse(&["weave", "launch", "--password", "s3cret", "192.0.2.11"]),
+            Ok(Command::Launch(LaunchArgs { password: Some(_), ref peers, .. })) if peers == &["192.0.2.11"]
+        ));
+        assert!(matches!(
+            parse(&["weave", "launch", "--proxy=false"]),
+            Ok(Command::Launch(LaunchArgs { proxy: false, .. }))
+        ));
+        assert!(matches!(
+            parse(&["weave", "attach", "10.2.1.1/24", "10.2.2.1/24", "c1"]),
+            Ok(Command::Attach(AttachArgs { ref args, .. })) if args.len() == 3
+        ));
+        assert!(matches!(
+            parse(&["weave", "run", "10.2.1.1/24", "-d", "--name", "x", "busybox", "sleep", "9"]),
+            Ok(Command::Run { ref args }) if args.len() == 7
+        ));
+        assert!(matches!(parse(&["weave", "env", "--restore"]), Ok(Command::Env { restore: true })));
+        assert!(parse(&["weave", "attach"]).is_err());
+        assert!(parse(&["weave", "frobnicate"]).is_err());
+    }
+}

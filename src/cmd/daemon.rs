@@ -1,0 +1,77 @@
+//! The daemons the `weave` and `weaveproxy` containers run, in the foreground, until SIGTERM.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::{ProxyArgs, RouterArgs};
+
+/// Resolves on SIGTERM (docker stop) or SIGINT (Ctrl-C in `docker attach`).
+async fn shutdown_signal() {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+pub async fn router(args: RouterArgs, http_addr: SocketAddr) -> Result<()> {
+    let config = weave_router::RouterConfig {
+        http_addr,
+        bridge_name: args.bridge,
+        mtu: args.mtu,
+        nickname: args.nickname.unwrap_or_else(super::launch::hostname),
+        proxy_addrs: args.proxy_addrs,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    if !args.peers.is_empty() {
+        tracing::warn!(peers = ?args.peers, "peers given, but this version has no mesh yet: running as a single host");
+    }
+    weave_router::run(config, shutdown_signal())
+        .await
+        .context("router failed")
+}
+
+pub async fn proxy(args: ProxyArgs, http_addr: SocketAddr) -> Result<()> {
+    crate::weavewait::install(&args.weavewait_dir).with_context(|| {
+        format!(
+            "installing the weavewait entrypoint in {}",
+            args.weavewait_dir.display()
+        )
+    })?;
+    let opts = args.opts;
+    let hostname = weave_proxy::hostname::HostnameRule::new(
+        &opts.hostname_match,
+        &opts.hostname_replacement,
+        opts.hostname_from_label.as_deref(),
+    )
+    .context("invalid --hostname-match")?;
+    let config = weave_proxy::ProxyConfig {
+        docker_host: args.docker_api,
+        socket_path: args.socket,
+        router: http_addr,
+        create: weave_proxy::rewrite::CreateOptions {
+            weavewait_dir: args.weavewait_dir,
+            no_multicast_route: opts.no_multicast_route,
+            without_dns: opts.without_dns,
+            dns_domain: args.dns_domain,
+            // weaveDNS is not there yet: leave the containers' resolvers alone.
+            dns_server: None,
+            hostname,
+            no_default_ipalloc: opts.no_default_ipalloc,
+        },
+        rewrite_inspect: opts.rewrite_inspect,
+        no_multicast_route: opts.no_multicast_route,
+        keep_tx_on: opts.keep_tx_on,
+    };
+    weave_proxy::run(config, shutdown_signal())
+        .await
+        .context("proxy failed")
+}

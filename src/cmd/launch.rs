@@ -1,0 +1,276 @@
+//! `weave launch`: bridge, image, then the router (`weave`) and proxy (`weaveproxy`)
+//! containers; returns once both answer.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bollard::query_parameters::{CreateContainerOptions, RemoveContainerOptions};
+use bollard::models::{ContainerCreateBody, HostConfig, RestartPolicy, RestartPolicyNameEnum};
+use bollard::Docker;
+use weave_router::client::RouterClient;
+
+use super::Exit;
+use crate::cli::{LaunchArgs, ProxyOptions, DEFAULT_PROXY_SOCKET};
+use crate::docker::{self, docker_socket_path};
+use crate::image::{self, BINARY_IN_IMAGE};
+
+pub const ROUTER_CONTAINER: &str = "weave";
+pub const PROXY_CONTAINER: &str = "weaveproxy";
+pub const BRIDGE: &str = "weave";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub async fn run(args: LaunchArgs, router: &RouterClient) -> Result<()> {
+    let docker = docker::connect().await?;
+    if let Some(c) = docker::inspect(&docker, ROUTER_CONTAINER).await? {
+        if docker::is_running(&c) {
+            return Err(Exit::new(
+                3,
+                "weave is already running; you can stop it with 'weave stop'.",
+            )
+            .into());
+        }
+    }
+    if router.get_text("/status").await.is_ok() {
+        return Err(Exit::new(3, "Weave Net is already running").into());
+    }
+    if !args.peers.is_empty() || args.password.is_some() {
+        eprintln!(
+            "Note: connecting to peers and encryption come with the mesh; this version runs a single host."
+        );
+    }
+    weave_router::create_bridge(BRIDGE, args.mtu)
+        .await
+        .context("creating the weave bridge")?;
+    let image = image::ensure(&docker).await?;
+    for dir in ["/var/run/weave", "/var/lib/weave"] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
+    }
+
+    let nickname = match &args.nickname {
+        Some(n) => n.clone(),
+        None => hostname(),
+    };
+    let mut router_cmd = vec![
+        "router".to_string(),
+        format!("--http-addr={}", router.addr()),
+        format!("--mtu={}", args.mtu),
+        format!("--nickname={nickname}"),
+    ];
+    if args.proxy {
+        router_cmd.push(format!("--proxy-addr={}", docker::proxy_url()));
+    }
+    router_cmd.extend(args.peers.iter().cloned());
+    let mut router_env = Vec::new();
+    if let Some(password) = &args.password {
+        router_env.push(format!("WEAVE_PASSWORD={password}"));
+    }
+    let weave_dirs = vec![
+        "/var/run/weave:/var/run/weave".to_string(),
+        "/var/lib/weave:/var/lib/weave".to_string(),
+    ];
+    let router_id = start_container(
+        &docker,
+        ROUTER_CONTAINER,
+        daemon_spec(&image, router_cmd, router_env, weave_dirs.clone(), args.no_restart),
+    )
+    .await?;
+
+    if args.proxy {
+        let docker_host = docker::docker_host();
+        let mut binds = weave_dirs;
+        if let Some(socket) = docker_socket_path(&docker_host) {
+            binds.push(format!("{socket}:{socket}"));
+        }
+        let mut proxy_cmd = vec![
+            "proxy".to_string(),
+            format!("--http-addr={}", router.addr()),
+            format!("--docker-api={docker_host}"),
+        ];
+        proxy_cmd.extend(proxy_flags(&args.proxy_opts));
+        start_container(
+            &docker,
+            PROXY_CONTAINER,
+            daemon_spec(&image, proxy_cmd, Vec::new(), binds, args.no_restart),
+        )
+        .await?;
+    }
+
+    wait_until_ready(&docker, router, args.proxy).await?;
+    if args.proxy {
+        link_extra_sockets(&args.listen)?;
+    }
+    println!("{router_id}");
+    Ok(())
+}
+
+/// The proxy flags to pass on, in the daemon's own syntax.
+fn proxy_flags(opts: &ProxyOptions) -> Vec<String> {
+    let mut flags = vec![
+        format!("--hostname-match={}", opts.hostname_match),
+        format!("--hostname-replacement={}", opts.hostname_replacement),
+    ];
+    if let Some(label) = &opts.hostname_from_label {
+        flags.push(format!("--hostname-from-label={label}"));
+    }
+    for (on, flag) in [
+        (opts.rewrite_inspect, "--rewrite-inspect"),
+        (opts.no_default_ipalloc, "--no-default-ipalloc"),
+        (opts.no_multicast_route, "--no-multicast-route"),
+        (opts.without_dns, "--without-dns"),
+        (opts.keep_tx_on, "--keep-tx-on"),
+    ] {
+        if on {
+            flags.push(flag.to_string());
+        }
+    }
+    flags
+}
+
+/// Router and proxy share one shape: host network and pid namespaces (they plumb veths into
+/// container namespaces by pid), weave's state dirs mounted, and just the capabilities that
+/// needs rather than `--privileged` (which also fails where the host's bounding set lacks a
+/// capability, as in some sandboxes): netlink and sysctls (NET_ADMIN, and /proc/sys writable),
+/// entering other network namespaces (SYS_ADMIN, SYS_PTRACE), raw frames (NET_RAW), killing a
+/// container whose attach failed (KILL).
+fn daemon_spec(
+    image: &str,
+    cmd: Vec<String>,
+    env: Vec<String>,
+    binds: Vec<String>,
+    no_restart: bool,
+) -> ContainerCreateBody {
+    let restart = if no_restart {
+        RestartPolicyNameEnum::NO
+    } else {
+        RestartPolicyNameEnum::ALWAYS
+    };
+    ContainerCreateBody {
+        image: Some(image.to_string()),
+        entrypoint: Some(vec![BINARY_IN_IMAGE.to_string()]),
+        cmd: Some(cmd),
+        env: Some(env),
+        labels: Some(HashMap::from([("works.weave.role".into(), "system".into())])),
+        host_config: Some(HostConfig {
+            network_mode: Some("host".into()),
+            pid_mode: Some("host".into()),
+            cap_add: Some(
+                ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE", "KILL", "DAC_OVERRIDE"]
+                    .map(String::from)
+                    .to_vec(),
+            ),
+            security_opt: Some(
+                ["seccomp=unconfined", "apparmor=unconfined"]
+                    .map(String::from)
+                    .to_vec(),
+            ),
+            // What `--security-opt systempaths=unconfined` means on the wire.
+            masked_paths: Some(Vec::new()),
+            readonly_paths: Some(Vec::new()),
+            binds: Some(binds),
+            restart_policy: Some(RestartPolicy {
+                name: Some(restart),
+                maximum_retry_count: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// (Re)create and start a daemon container; a stopped leftover is replaced so that new flags
+/// and a new image take effect.
+async fn start_container(docker: &Docker, name: &str, spec: ContainerCreateBody) -> Result<String> {
+    if docker::inspect(docker, name).await?.is_some() {
+        docker
+            .remove_container(
+                name,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .with_context(|| format!("removing the old {name} container"))?;
+    }
+    let created = docker
+        .create_container(
+            Some(CreateContainerOptions {
+                name: Some(name.to_string()),
+                ..Default::default()
+            }),
+            spec,
+        )
+        .await
+        .with_context(|| format!("creating the {name} container"))?;
+    docker
+        .start_container(name, None::<bollard::query_parameters::StartContainerOptions>)
+        .await
+        .with_context(|| format!("starting the {name} container"))?;
+    Ok(created.id)
+}
+
+async fn wait_until_ready(docker: &Docker, router: &RouterClient, proxy: bool) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let router_ready = router.get_text("/status").await.is_ok();
+        let proxy_ready = !proxy || Path::new(DEFAULT_PROXY_SOCKET).exists();
+        if router_ready && proxy_ready {
+            return Ok(());
+        }
+        for name in [ROUTER_CONTAINER, PROXY_CONTAINER] {
+            if name == PROXY_CONTAINER && !proxy {
+                continue;
+            }
+            let died = match docker::inspect(docker, name).await? {
+                Some(c) => !docker::is_running(&c),
+                None => true,
+            };
+            if died {
+                return Err(Exit::new(
+                    1,
+                    format!(
+                        "The {name} container has died. Consult the container logs for further details ('docker logs {name}')."
+                    ),
+                )
+                .into());
+            }
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "weave did not become ready within {}s; see 'docker logs {ROUTER_CONTAINER}' and 'docker logs {PROXY_CONTAINER}'",
+                READY_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Extra `-H unix:///path` addresses become symlinks to the one real socket.
+fn link_extra_sockets(listen: &[String]) -> Result<()> {
+    for addr in listen {
+        let path = addr.strip_prefix("unix://").unwrap_or(addr);
+        if !path.starts_with('/') {
+            return Err(Exit::new(
+                1,
+                "When launching the proxy, unix sockets must be specified as an absolute path.",
+            )
+            .into());
+        }
+        if path == DEFAULT_PROXY_SOCKET {
+            continue;
+        }
+        let _ = std::fs::remove_file(path);
+        std::os::unix::fs::symlink(DEFAULT_PROXY_SOCKET, path)
+            .with_context(|| format!("linking {path} to {DEFAULT_PROXY_SOCKET}"))?;
+    }
+    Ok(())
+}
+
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "weave".into())
+}
