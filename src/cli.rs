@@ -66,7 +66,10 @@ pub enum Command {
         args: Vec<String>,
     },
     /// Give the host an address on the weave network: `weave expose <addr>...`.
+    #[command(disable_help_flag = true)]
     Expose {
+        #[arg(long, action = clap::ArgAction::Help)]
+        help: Option<bool>,
         addrs: Vec<String>,
         /// Register this name for the host (needs weaveDNS, coming later).
         #[arg(short = 'h', long = "fqdn")]

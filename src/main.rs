@@ -64,7 +64,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Ps { containers } => cmd::container::ps(&router, &containers).await,
         Command::Attach(args) => cmd::container::attach(&router, args).await,
         Command::Detach { args } => cmd::container::detach(&router, &args).await,
-        Command::Expose { addrs, fqdn } => {
+        Command::Expose { addrs, fqdn, .. } => {
             cmd::container::expose(&router, &addrs, fqdn.as_deref()).await
         }
         Command::Hide { addrs } => cmd::container::hide(&router, &addrs).await,

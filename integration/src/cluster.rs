@@ -31,7 +31,7 @@ pub fn underlay_addr(n: u8) -> Result<Ipv4Addr> {
 pub struct Underlay {
     name: String,
     // Keeps the run directory (and run id) alive as long as the netns.
-    _run: Arc<RunDir>,
+    run: Arc<RunDir>,
     next: AtomicU8,
 }
 
@@ -42,7 +42,7 @@ impl Underlay {
         sys::run_quiet("ip", &["netns", "add", &name]).map_err(|e| anyhow!(e))?;
         let underlay = Underlay {
             name,
-            _run: run,
+            run,
             next: AtomicU8::new(1),
         };
         let ip = |args: &[&str]| -> Result<()> {
@@ -128,8 +128,16 @@ impl Cluster {
             bail!("a cluster has 1..=200 hosts, not {n}");
         }
         let underlay = Underlay::new()?;
+        // Names in host order, then the (slow) start-ups in parallel.
+        let names: Vec<String> = (0..n).map(|_| underlay.run.fresh_name('h')).collect();
         let started: Vec<Result<Host>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..n).map(|_| s.spawn(Host::new)).collect();
+            let handles: Vec<_> = names
+                .into_iter()
+                .map(|name| {
+                    let run = Arc::clone(&underlay.run);
+                    s.spawn(move || Host::named(run, name))
+                })
+                .collect();
             handles
                 .into_iter()
                 .map(|h| {

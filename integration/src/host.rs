@@ -151,6 +151,11 @@ impl Host {
     pub fn new() -> Result<Host> {
         let run = run::acquire()?;
         let name = run.fresh_name('h');
+        Host::named(run, name)
+    }
+
+    /// Starts a host with a name from [`RunDir::fresh_name`].
+    pub(crate) fn named(run: Arc<RunDir>, name: String) -> Result<Host> {
         let dir = run.dir().join(&name);
         let mut host = Host {
             name,

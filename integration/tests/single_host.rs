@@ -360,7 +360,7 @@ fn compose_up_and_down_through_the_proxy() -> Result<()> {
         let compose = |args: &[&str]| {
             h.cmd("docker-compose")
                 .env("DOCKER_HOST", PROXY_DOCKER_HOST)
-                .args(["--no-ansi", "-p", "wvtest", "-f", file])
+                .args(["--ansi", "never", "-p", "wvtest", "-f", file])
                 .args(args)
                 .ok()
         };
@@ -375,11 +375,9 @@ fn compose_up_and_down_through_the_proxy() -> Result<()> {
             "exec",
             "-T",
             "client",
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            "http://10.35.9.1/",
+            "sh",
+            "-c",
+            r#"printf "GET / HTTP/1.0\r\n\r\n" | nc -w 2 10.35.9.1 80"#,
         ])?;
         ensure!(served.stdout.contains("hello from server"), "{served}");
         compose(&["down"])?;

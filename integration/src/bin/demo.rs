@@ -122,7 +122,7 @@ fn demo() -> Result<()> {
                         .ok()?;
                     show(&out);
                     let addr = host
-                        .docker(["exec", name, "ip", "-4", "-br", "addr", "show", "ethwe"])?
+                        .docker(["exec", name, "ip", "-4", "-o", "addr", "show", "ethwe"])?
                         .ok()?;
                     show(&addr);
                     Ok(())
