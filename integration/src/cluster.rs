@@ -188,6 +188,17 @@ impl Cluster {
     }
 }
 
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Hosts go down in parallel (each takes about a second); the underlay drops after them.
+        std::thread::scope(|s| {
+            for host in &mut self.hosts {
+                s.spawn(move || host.teardown());
+            }
+        });
+    }
+}
+
 impl std::ops::Index<usize> for Cluster {
     type Output = Host;
 

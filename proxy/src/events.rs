@@ -53,7 +53,14 @@ pub(crate) async fn watch(proxy: Arc<Proxy>) {
                             }
                             listed = true;
                         }
-                        Err(e) => warn!(error = %e, "cannot list running containers"),
+                        Err(e) => {
+                            // Try again, subscription included, after the delay; `since`
+                            // still covers the events of the meantime.
+                            warn!(error = %e, "cannot list running containers");
+                            tokio::time::sleep(delay).await;
+                            delay = next_delay(delay, EVENTS_DELAY_MAX);
+                            continue;
+                        }
                     }
                 }
                 while let Some(event) = events.next().await {

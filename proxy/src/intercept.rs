@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use serde_json::Value;
 use tracing::{debug, info, warn, Instrument};
+use weave_router::client::ClientError;
 
 use crate::attach::{attach_container, first_addr, AttachError, AttachFailure};
 use crate::endpoint::{classify, Endpoint};
@@ -313,7 +314,13 @@ async fn inspect(
         Ok(Some(interface)) => interface,
         Ok(None) => return Ok(whole_reply(reply_parts, bytes)),
         Err(e) => {
-            warn!(pid, error = %e, "cannot look up the weave interface for inspect");
+            // No router (not launched yet, or stopped) is common: not worth a warning per
+            // inspect.
+            if matches!(e, ClientError::Unreachable { .. }) {
+                debug!(pid, error = %e, "cannot look up the weave interface for inspect");
+            } else {
+                warn!(pid, error = %e, "cannot look up the weave interface for inspect");
+            }
             return Ok(whole_reply(reply_parts, bytes));
         }
     };

@@ -1002,3 +1002,65 @@ async fn failed_event_attach_kills_the_process_not_the_container() {
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn legacy_start_body_keeps_the_weavewait_bind() {
+    let h = Harness::start().await;
+    h.docker.add_container(woven_container("c0ffee", 4242));
+    let (_dockerd, mut requests) = recording_dockerd(&h, NO_CONTENT);
+    // Exact numbers survive the rewrite.
+    let body = r#"{"HostConfig":{"NetworkMode":"host","Binds":["/data:/w"]},"Keep":1.50}"#;
+    let request = format!(
+        "POST /v1.15/containers/c0ffee/start HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let reply = h.exchange(request.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 204 No Content\r\n"), "{reply}");
+    let (head, sent) = within("the start", requests.recv()).await.expect("request");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("content-length: {}\r\n", sent.len())),
+        "{head}"
+    );
+    let sent = String::from_utf8_lossy(&sent);
+    assert_eq!(
+        sent,
+        r#"{"HostConfig":{"NetworkMode":"host","Binds":["/var/lib/weave/weavewait/w-noop:/w:ro"]},"Keep":1.50}"#
+    );
+}
+
+#[tokio::test]
+async fn refused_upgrade_passes_dockers_answer_through() {
+    let h = Harness::start().await;
+    let (_dockerd, _requests) = recording_dockerd(
+        &h,
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 39\r\n\r\n{\"message\":\"No such container: nope\"}\n",
+    );
+    let reply = h
+        .exchange(b"POST /v1.41/containers/nope/attach?stream=1 HTTP/1.1\r\nHost: docker\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
+        .await;
+    assert!(reply.starts_with("HTTP/1.1 404 Not Found\r\n"), "{reply}");
+    assert_eq!(message_of(&reply), "No such container: nope");
+}
+
+#[tokio::test]
+async fn exec_into_a_plain_container_is_forwarded_unchanged() {
+    let h = Harness::start().await;
+    let mut plain = woven_container("beef", 77);
+    plain["Config"]["Entrypoint"] = Value::Null;
+    plain["Mounts"] = json!([]);
+    h.docker.add_container(plain);
+    let (_dockerd, mut requests) = recording_dockerd(
+        &h,
+        b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"Id\":\"e1\"}",
+    );
+    let original = r#"{"Cmd":["ls"],  "Tty":false}"#;
+    let request = format!(
+        "POST /containers/beef/exec HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{original}",
+        original.len()
+    );
+    let reply = h.exchange(request.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 201 Created\r\n"), "{reply}");
+    let (_, sent) = within("the exec", requests.recv()).await.expect("request");
+    assert_eq!(String::from_utf8_lossy(&sent), original);
+}
