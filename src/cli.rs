@@ -222,7 +222,10 @@ mod tests {
             parse(&["weave", "run", "10.2.1.1/24", "-d", "--name", "x", "busybox", "sleep", "9"]),
             Ok(Command::Run { ref args }) if args.len() == 7
         ));
-        assert!(matches!(parse(&["weave", "env", "--restore"]), Ok(Command::Env { restore: true })));
+        assert!(matches!(
+            parse(&["weave", "env", "--restore"]),
+            Ok(Command::Env { restore: true })
+        ));
         assert!(parse(&["weave", "attach"]).is_err());
         assert!(parse(&["weave", "frobnicate"]).is_err());
     }

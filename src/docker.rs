@@ -2,8 +2,8 @@
 //! proxy: `weave stop` must work after `eval $(weave env)`, when DOCKER_HOST names the proxy.
 
 use anyhow::{Context, Result};
-use bollard::query_parameters::InspectContainerOptions;
 use bollard::models::ContainerInspectResponse;
+use bollard::query_parameters::InspectContainerOptions;
 use bollard::Docker;
 
 use crate::cli::DEFAULT_PROXY_SOCKET;
@@ -34,8 +34,8 @@ pub fn docker_socket_path(host: &str) -> Option<&str> {
 
 pub async fn connect() -> Result<Docker> {
     let host = docker_host();
-    let docker = Docker::connect_with_host(&host)
-        .with_context(|| format!("cannot use Docker at {host}"))?;
+    let docker =
+        Docker::connect_with_host(&host).with_context(|| format!("cannot use Docker at {host}"))?;
     docker
         .negotiate_version()
         .await
@@ -69,6 +69,7 @@ pub async fn running_container(docker: &Docker, name: &str) -> Result<(String, i
     if !is_running(&c) || pid <= 0 {
         anyhow::bail!("container {name} is not running");
     }
-    let id = c.id.with_context(|| format!("container {name} has no id"))?;
+    let id =
+        c.id.with_context(|| format!("container {name} has no id"))?;
     Ok((id, pid as i32))
 }

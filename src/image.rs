@@ -39,11 +39,8 @@ pub async fn ensure(docker: &Docker) -> Result<String> {
         ],
         ..Default::default()
     };
-    let mut progress = docker.create_image(
-        Some(options),
-        Some(bollard::body_full(rootfs.into())),
-        None,
-    );
+    let mut progress =
+        docker.create_image(Some(options), Some(bollard::body_full(rootfs.into())), None);
     while let Some(step) = progress.next().await {
         step.context("importing the weave image into Docker")?;
     }
@@ -60,7 +57,11 @@ fn rootfs_tar(exe: &Path) -> Result<Vec<u8>> {
         libs.extend(shared_libraries(&real)?);
         files.push((real, "/usr/sbin/iptables".into()));
         // Its match/target modules are dlopen()ed, so ldd does not list them.
-        for dir in ["/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/xtables", "/lib/xtables"] {
+        for dir in [
+            "/usr/lib/x86_64-linux-gnu/xtables",
+            "/usr/lib/xtables",
+            "/lib/xtables",
+        ] {
             let Ok(entries) = std::fs::read_dir(dir) else {
                 continue;
             };
@@ -77,7 +78,16 @@ fn rootfs_tar(exe: &Path) -> Result<Vec<u8>> {
     tar.follow_symlinks(true);
     // Docker's importer rejects GNU sparse entries (type S).
     tar.sparse(false);
-    for dir in ["tmp", "etc", "proc", "sys", "dev", "run", "var/run/weave", "var/lib/weave"] {
+    for dir in [
+        "tmp",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "var/run/weave",
+        "var/lib/weave",
+    ] {
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(tar::EntryType::Directory);
         header.set_mode(if dir == "tmp" { 0o1777 } else { 0o755 });

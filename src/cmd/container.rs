@@ -231,7 +231,10 @@ mod tests {
             .map(|s| s.parse().expect("valid"))
             .collect();
         let present = vec!["10.2.1.1/24".to_string(), "10.2.2.1/24".to_string()];
-        assert_eq!(requested_ips(&requested, &present), ["10.2.2.1", "10.2.1.1"]);
+        assert_eq!(
+            requested_ips(&requested, &present),
+            ["10.2.2.1", "10.2.1.1"]
+        );
         assert_eq!(
             requested_ips(&[AddrSpec::DefaultSubnet], &present),
             ["10.2.1.1", "10.2.2.1"]

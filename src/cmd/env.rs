@@ -29,7 +29,10 @@ pub async fn env(router: &RouterClient, restore: bool) -> Result<()> {
     let Some(addr) = proxy_address(router).await else {
         return Ok(());
     };
-    println!("{}", env_line(&addr, std::env::var("DOCKER_HOST").ok().as_deref()));
+    println!(
+        "{}",
+        env_line(&addr, std::env::var("DOCKER_HOST").ok().as_deref())
+    );
     Ok(())
 }
 

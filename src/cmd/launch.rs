@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bollard::query_parameters::{CreateContainerOptions, RemoveContainerOptions};
 use bollard::models::{ContainerCreateBody, HostConfig, RestartPolicy, RestartPolicyNameEnum};
+use bollard::query_parameters::{CreateContainerOptions, RemoveContainerOptions};
 use bollard::Docker;
 use weave_router::client::RouterClient;
 
@@ -73,7 +73,13 @@ pub async fn run(args: LaunchArgs, router: &RouterClient) -> Result<()> {
     let router_id = start_container(
         &docker,
         ROUTER_CONTAINER,
-        daemon_spec(&image, router_cmd, router_env, weave_dirs.clone(), args.no_restart),
+        daemon_spec(
+            &image,
+            router_cmd,
+            router_env,
+            weave_dirs.clone(),
+            args.no_restart,
+        ),
     )
     .await?;
 
@@ -151,14 +157,24 @@ fn daemon_spec(
         entrypoint: Some(vec![BINARY_IN_IMAGE.to_string()]),
         cmd: Some(cmd),
         env: Some(env),
-        labels: Some(HashMap::from([("works.weave.role".into(), "system".into())])),
+        labels: Some(HashMap::from([(
+            "works.weave.role".into(),
+            "system".into(),
+        )])),
         host_config: Some(HostConfig {
             network_mode: Some("host".into()),
             pid_mode: Some("host".into()),
             cap_add: Some(
-                ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE", "KILL", "DAC_OVERRIDE"]
-                    .map(String::from)
-                    .to_vec(),
+                [
+                    "NET_ADMIN",
+                    "NET_RAW",
+                    "SYS_ADMIN",
+                    "SYS_PTRACE",
+                    "KILL",
+                    "DAC_OVERRIDE",
+                ]
+                .map(String::from)
+                .to_vec(),
             ),
             security_opt: Some(
                 ["seccomp=unconfined", "apparmor=unconfined"]
@@ -205,7 +221,10 @@ async fn start_container(docker: &Docker, name: &str, spec: ContainerCreateBody)
         .await
         .with_context(|| format!("creating the {name} container"))?;
     docker
-        .start_container(name, None::<bollard::query_parameters::StartContainerOptions>)
+        .start_container(
+            name,
+            None::<bollard::query_parameters::StartContainerOptions>,
+        )
         .await
         .with_context(|| format!("starting the {name} container"))?;
     Ok(created.id)
