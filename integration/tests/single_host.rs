@@ -609,3 +609,87 @@ fn bollard_client_through_the_proxy() -> Result<()> {
         Ok(())
     })
 }
+
+#[test]
+fn env_config_run_inspect_offload_and_reset() -> Result<()> {
+    let host = Host::new()?;
+    host.scenario(|h| {
+        h.weave(["launch", "--rewrite-inspect"])?.ok()?;
+        docker_ping(&h.proxy_socket())?;
+
+        let config = h.weave(["config"])?.ok()?;
+        ensure!(
+            config.stdout_trim() == format!("-H={PROXY_DOCKER_HOST}"),
+            "weave config: {config}"
+        );
+        let restore = h
+            .weave_cmd()
+            .args(["env", "--restore"])
+            .env("ORIG_DOCKER_HOST", "unix:///var/run/docker.sock")
+            .ok()?;
+        ensure!(
+            restore.stdout_trim() == "DOCKER_HOST=unix:///var/run/docker.sock",
+            "{restore}"
+        );
+        let nothing = h.weave(["env", "--restore"])?.fail()?;
+        ensure!(nothing.stderr.contains("Nothing to restore"), "{nothing}");
+        let usage = h.weave(["attach"])?.fail()?;
+        ensure!(
+            !usage.stderr.trim().is_empty(),
+            "a usage error says why: {usage}"
+        );
+
+        // `weave run`: docker run -d on dockerd, then attach; prints the id.
+        let mut args = vec!["run", "10.35.4.1/24", "--name", "runme"];
+        args.extend(SLEEPER);
+        let run = h.weave(&args)?.ok().context("weave run")?;
+        let id = direct(h, &["inspect", "-f", "{{.Id}}", "runme"])?;
+        ensure!(
+            run.stdout.contains(id.stdout_trim()),
+            "weave run prints the id: {run}"
+        );
+        ensure!(
+            ethwe_addrs(h, "runme")? == ["10.35.4.1/24"],
+            "weave run attaches the address"
+        );
+
+        // --rewrite-inspect shows the weave address; TX checksum offload is off on the host end.
+        run_weave_container(h, DockerClient::primary()?, "insp", "10.35.1.21/24")?;
+        let ip = proxy(
+            h,
+            &["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "insp"],
+        )?;
+        ensure!(
+            ip.stdout_trim() == "10.35.1.21",
+            "inspect through the proxy: {ip}"
+        );
+        let pid = direct(h, &["inspect", "-f", "{{.State.Pid}}", "insp"])?;
+        let veth = format!("vethwepl{}", pid.stdout_trim());
+        let veth: String = veth.chars().take(15).collect();
+        let offload = h.run("ethtool", ["-k", &veth])?.ok()?;
+        ensure!(
+            offload.stdout.contains("tx-checksumming: off"),
+            "TX checksum offload must be off on {veth}: {offload}"
+        );
+
+        // reset: containers, bridge and rules gone; twice is fine.
+        h.weave(["reset"])?.ok()?;
+        h.weave(["reset"])?.ok()?;
+        for name in ["weave", "weaveproxy"] {
+            ensure!(
+                !container_exists(h, name)?,
+                "{name} should be removed by reset"
+            );
+        }
+        ensure!(
+            !h.run("ip", ["link", "show", "weave"])?.success(),
+            "the weave bridge should be gone after reset"
+        );
+        let forward = h.run("iptables", ["-S", "FORWARD"])?.ok()?;
+        ensure!(
+            !forward.stdout.contains("weave"),
+            "no weave rule should stay in FORWARD: {forward}"
+        );
+        Ok(())
+    })
+}
