@@ -326,6 +326,44 @@ fn proxy_streams_stdin_exec_logs_and_events() -> Result<()> {
                 docker().args(["start", &evc]).ok()?;
                 events.wait_for(&wanted, Duration::from_secs(2), |out| out.contains(&wanted))
             })?;
+
+            // docker run -it: a real pty (util-linux `script`), output and exit status come back.
+            let cidr = format!("WEAVE_CIDR=10.35.1.{}/24", 40 + i);
+            let command = format!(
+                "{} run -it --rm -e {cidr} busybox sh -c 'echo tty-ok; exit 3'",
+                client.path().display()
+            );
+            let tty = h
+                .cmd("script")
+                .args(["-qec", &command, "/dev/null"])
+                .env("DOCKER_HOST", PROXY_DOCKER_HOST)
+                .run()?;
+            ensure!(
+                tty.status.code() == Some(3) && tty.stdout.contains("tty-ok"),
+                "docker run -it with the {label} client: {tty}"
+            );
+
+            // docker attach (hijacked, output only): joins a running container, streams what
+            // it prints, and returns when it exits. (Stdin half-close is covered by `run -i`
+            // above: an attach client closing stdin does not end a `run -d -i` container.)
+            let att = format!("at-{label}");
+            docker()
+                .args([
+                    "run",
+                    "-d",
+                    "--name",
+                    &att,
+                    "-e",
+                    "WEAVE_CIDR=none",
+                    "busybox",
+                ])
+                .args(["sh", "-c", "sleep 2; echo through attach; sleep 1"])
+                .ok()?;
+            let attached = docker()
+                .args(["attach", "--no-stdin", &att])
+                .ok()
+                .with_context(|| format!("docker attach with the {label} client"))?;
+            ensure!(attached.stdout.contains("through attach"), "{attached}");
         }
         Ok(())
     })
