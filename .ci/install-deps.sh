@@ -11,6 +11,8 @@ PACKAGES=(
   iproute2 iptables util-linux     # ip netns, veth, bridges; nsenter, unshare
   iputils-ping ethtool tcpdump iperf3
   libpcap-dev pkg-config           # the router captures with libpcap
+  libc6-dev                        # libc.a: weavewait (/w/w) is linked statically
+  bsdutils                         # `script`: a pty for the `docker run -it` test
 )
 
 missing=()
