@@ -1064,3 +1064,68 @@ async fn exec_into_a_plain_container_is_forwarded_unchanged() {
     let (_, sent) = within("the exec", requests.recv()).await.expect("request");
     assert_eq!(String::from_utf8_lossy(&sent), original);
 }
+
+// ---- bad clients ----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_create_body_cut_short_creates_nothing_and_the_proxy_carries_on() {
+    let h = Harness::start().await;
+    let (dockerd, _) = recording_dockerd(&h, CREATED);
+    // Announces 200 bytes, sends 20, then hangs up.
+    let mut client = h.connect().await;
+    client
+        .write_all(b"POST /v1.41/containers/create HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{\"Image\":\"busybox\",")
+        .await
+        .expect("send");
+    drop(client);
+    // The proxy still answers the next client, and nothing reached dockerd.
+    let body = json!({"Image": "busybox", "Cmd": ["sh"], "Env": ["WEAVE_CIDR=10.1/8"]});
+    let reply = h
+        .exchange(&post_json("/v1.41/containers/create", &body))
+        .await;
+    assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
+    assert_eq!(dockerd.connections(), 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_leaving_a_stream_releases_dockerds_connection() {
+    let h = Harness::start().await;
+    let (closed_tx, mut closed) = mpsc::unbounded_channel();
+    let _dockerd = h.dockerd(move |mut s| {
+        let closed_tx = closed_tx.clone();
+        async move {
+            let _ = read_request(&mut s).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n")
+                .await;
+            // Keep streaming until the proxy drops our connection.
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if s.write_all(b"2\r\n{}\r\n").await.is_err() {
+                    let _ = closed_tx.send(());
+                    return;
+                }
+            }
+        }
+    });
+    let mut client = h.connect().await;
+    client
+        .write_all(b"GET /v1.41/events HTTP/1.1\r\nHost: docker\r\n\r\n")
+        .await
+        .expect("send");
+    let _ = within("the stream to start", read_head(&mut client)).await;
+    drop(client);
+    within("dockerd's side to be closed", closed.recv())
+        .await
+        .expect("closed");
+    // And the proxy keeps serving.
+    let reply = h
+        .exchange(&post_json(
+            "/v1.41/containers/create",
+            &json!({"Image": "x", "Env": ["WEAVE_CIDR=bad"]}),
+        ))
+        .await;
+    assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
+    h.stop().await;
+}

@@ -15,6 +15,7 @@ pub mod bridge;
 pub mod client;
 mod control;
 pub mod iptables;
+pub mod mesh;
 pub mod status;
 
 use std::collections::hash_map::RandomState;

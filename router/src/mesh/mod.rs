@@ -1,0 +1,13 @@
+//! The mesh control plane core (spec §1–3). Pure and sans-IO: every entry point takes `now` and,
+//! where it needs randomness, an injected RNG; nothing here reads a clock or touches a socket.
+//! The router shell owns the TCP connections and drives these state machines.
+//!
+//! - [`peer`]: peer names, UIDs, nicknames.
+//! - [`wire`]: length-prefixed TCP framing and a bounds-checked reader.
+//! - [`handshake`]: protocol header, version negotiation, intro, key agreement and confirmation.
+//! - [`conn`]: post-handshake messages: sealing/opening, tags, heartbeats, rekeying.
+
+pub mod conn;
+pub mod handshake;
+pub mod peer;
+pub mod wire;
