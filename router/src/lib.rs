@@ -12,10 +12,13 @@ pub mod addr;
 pub mod api;
 pub mod api_types;
 pub mod bridge;
+pub mod capture;
 pub mod client;
 mod control;
 pub mod iptables;
+pub mod mac_cache;
 pub mod mesh;
+pub mod sleeve;
 pub mod status;
 
 use std::collections::hash_map::RandomState;
@@ -99,6 +102,7 @@ pub async fn run(
 ) -> Result<(), RouterError> {
     let mut bridge = Bridge::new(&config.bridge_name)?;
     let mac = bridge.ensure(config.mtu).await?;
+    bridge.ensure_capture_port().await?;
     iptables::ensure_forward_rules(&config.bridge_name).await?;
     iptables::flush_expose_rules().await?;
     for cidr in bridge.bridge_addrs().await? {

@@ -32,8 +32,12 @@ pub const CONTAINER_IFNAME: &str = "ethwe";
 pub const HOST_VETH_PREFIX: &str = "vethwepl";
 /// Default bridge MTU when the bridge exists but its MTU cannot be read.
 pub const DEFAULT_MTU: u32 = 1376;
+/// Bridge end of the sleeve capture pair (a port of the bridge, hairpin off).
+pub const CAPTURE_PORT_IFNAME: &str = "vethwe-bridge";
+/// Router end of the sleeve capture pair: where the router captures and injects frames.
+pub const CAPTURE_IFNAME: &str = "vethwe-pcap";
 /// Other links this project may create (sleeve capture pair, fastdp); removed by `destroy`.
-const OTHER_WEAVE_LINKS: [&str; 3] = ["vethwe-bridge", "vethwe-pcap", "vethwe-datapath"];
+const OTHER_WEAVE_LINKS: [&str; 3] = [CAPTURE_PORT_IFNAME, CAPTURE_IFNAME, "vethwe-datapath"];
 /// How long attach waits for `ethwe` and its bridge port to become operational.
 const RUNNING_WAIT: Duration = Duration::from_secs(2);
 /// Polling interval of those waits.
@@ -66,6 +70,10 @@ pub enum BridgeError {
     NoBridge { name: String },
     #[error("{name} exists but is not a bridge: please do 'weave reset'")]
     NotABridge { name: String },
+    #[error("{name} exists but is not a veth: please do 'weave reset'")]
+    NotAVeth { name: String },
+    #[error("hairpin mode is on for {name}: injected frames would be reflected")]
+    Hairpin { name: String },
     #[error("interface {iface} has no MAC address")]
     NoMac { iface: String },
     #[error("container process {pid} has no {CONTAINER_IFNAME} interface")]
@@ -218,6 +226,85 @@ impl Bridge {
             .await?
             .ok_or_else(|| BridgeError::NoBridge {
                 name: self.name.clone(),
+            })
+    }
+
+    /// Sleeve mode (spec router §5.1–5.2): make sure the capture pair [`CAPTURE_PORT_IFNAME`]
+    /// (a bridge port, up, hairpin off) ↔ [`CAPTURE_IFNAME`] (the router's end, up) exists with
+    /// the bridge MTU, and turn TX checksum offload off on the bridge itself so that frames the
+    /// host sends carry complete checksums when captured. Idempotent; call after
+    /// [`Bridge::ensure`].
+    pub async fn ensure_capture_port(&self) -> Result<(), BridgeError> {
+        let bridge = self.bridge_link().await?;
+        let bridge_index = bridge.header.index;
+        let mtu = self.mtu.or(nl::link_mtu(&bridge)).unwrap_or(DEFAULT_MTU);
+        let port = match nl::link_by_name(&self.handle, CAPTURE_PORT_IFNAME).await? {
+            Some(link) => link,
+            None => {
+                match nl::add_veth_pair(&self.handle, CAPTURE_PORT_IFNAME, CAPTURE_IFNAME, mtu)
+                    .await
+                {
+                    Ok(()) => tracing::info!(
+                        mtu,
+                        "created capture pair {CAPTURE_PORT_IFNAME} ↔ {CAPTURE_IFNAME}"
+                    ),
+                    // Someone else created it meanwhile: reuse theirs.
+                    Err(e) if nl::errno(&e) == Some(nl::EEXIST) => {}
+                    Err(e) => return Err(nl::nl_error("create veth", CAPTURE_PORT_IFNAME, e)),
+                }
+                self.existing_link(CAPTURE_PORT_IFNAME).await?
+            }
+        };
+        let pcap = self.existing_link(CAPTURE_IFNAME).await?;
+        for link in [&port, &pcap] {
+            if nl::link_kind(link) != Some(&InfoKind::Veth) {
+                let name = nl::link_name(link).unwrap_or_default().to_string();
+                return Err(BridgeError::NotAVeth { name });
+            }
+        }
+        for (link, name) in [(&port, CAPTURE_PORT_IFNAME), (&pcap, CAPTURE_IFNAME)] {
+            if nl::link_mtu(link) != Some(mtu) {
+                nl::set_mtu(&self.handle, link.header.index, mtu, name).await?;
+            }
+            write_sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/accept_ra"), "0");
+        }
+        let port_index = port.header.index;
+        nl::enslave_up(&self.handle, port_index, bridge_index, CAPTURE_PORT_IFNAME).await?;
+        // Hairpin would send injected frames straight back to the capture.
+        nl::set_hairpin(&self.handle, port_index, false, CAPTURE_PORT_IFNAME).await?;
+        if !nl::is_up(&pcap) {
+            nl::set_up(&self.handle, pcap.header.index, CAPTURE_IFNAME).await?;
+        }
+        sys::set_tx_checksum(&self.name, false).map_err(|source| BridgeError::Io {
+            op: "turn off TX checksum offload on",
+            target: self.name.clone(),
+            source,
+        })?;
+        if !self.wait_forwarding(CAPTURE_PORT_IFNAME).await? {
+            tracing::warn!(
+                port = CAPTURE_PORT_IFNAME,
+                "bridge port is not forwarding yet"
+            );
+        }
+        let port = self.existing_link(CAPTURE_PORT_IFNAME).await?;
+        if nl::hairpin(&port) == Some(true) {
+            return Err(BridgeError::Hairpin {
+                name: CAPTURE_PORT_IFNAME.to_string(),
+            });
+        }
+        // The bridge may have refused its MTU while it had no port.
+        self.recheck_mtu().await;
+        Ok(())
+    }
+
+    /// The link `name`, which must exist.
+    async fn existing_link(&self, name: &str) -> Result<LinkMessage, BridgeError> {
+        nl::link_by_name(&self.handle, name)
+            .await?
+            .ok_or_else(|| BridgeError::Io {
+                op: "find link",
+                target: name.to_string(),
+                source: io::ErrorKind::NotFound.into(),
             })
     }
 
@@ -385,7 +472,7 @@ impl Bridge {
         keep_tx_on: bool,
     ) -> Result<(), BridgeError> {
         nl::enslave_up(&self.handle, index, bridge_index, host_name).await?;
-        if let Err(e) = nl::set_hairpin(&self.handle, index, host_name).await {
+        if let Err(e) = nl::set_hairpin(&self.handle, index, true, host_name).await {
             tracing::warn!(veth = %host_name, error = %e, "cannot turn on hairpin mode");
         }
         if !keep_tx_on {

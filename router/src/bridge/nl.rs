@@ -248,12 +248,34 @@ pub(super) async fn enslave_up(
         .map_err(|e| nl_error("attach to bridge", iface, e))
 }
 
-pub(super) async fn set_hairpin(h: &Handle, index: u32, iface: &str) -> Result<(), BridgeError> {
+/// Turn hairpin mode (reflecting frames back out of the port they came in on) on or off.
+pub(super) async fn set_hairpin(
+    h: &Handle,
+    index: u32,
+    on: bool,
+    iface: &str,
+) -> Result<(), BridgeError> {
     h.link()
-        .set_port(LinkBridgePort::new(index).hairpin(true).build())
+        .set_port(LinkBridgePort::new(index).hairpin(on).build())
         .execute()
         .await
         .map_err(|e| nl_error("set hairpin mode on", iface, e))
+}
+
+/// Is hairpin mode on for this bridge port? `None` when the link does not say (not a port).
+pub(super) fn hairpin(link: &LinkMessage) -> Option<bool> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|info| match info {
+            LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
+                port.iter().find_map(|p| match p {
+                    InfoBridgePort::HairpinMode(on) => Some(*on),
+                    _ => None,
+                })
+            }
+            _ => None,
+        }),
+        _ => None,
+    })
 }
 
 /// Delete link `index`; `Ok(())` when it is already gone.
@@ -278,6 +300,25 @@ pub(super) async fn add_veth_into(
         .name(peer.to_string())
         .mtu(mtu)
         .setns_by_fd(peer_ns_fd)
+        .build();
+    let msg = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+        .name(name.to_string())
+        .mtu(mtu)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+        .build();
+    h.link().add(msg).execute().await
+}
+
+/// Create a veth pair `name` ↔ `peer`, both in this namespace, both with `mtu`.
+pub(super) async fn add_veth_pair(
+    h: &Handle,
+    name: &str,
+    peer: &str,
+    mtu: u32,
+) -> Result<(), rtnetlink::Error> {
+    let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+        .name(peer.to_string())
+        .mtu(mtu)
         .build();
     let msg = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
         .name(name.to_string())

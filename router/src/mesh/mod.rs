@@ -6,8 +6,16 @@
 //! - [`wire`]: length-prefixed TCP framing and a bounds-checked reader.
 //! - [`handshake`]: protocol header, version negotiation, intro, key agreement and confirmation.
 //! - [`conn`]: post-handshake messages: sealing/opening, tags, heartbeats, rekeying.
+//! - [`topology`]: the versioned peer graph, its codec, merge rules and GC.
+//! - [`routes`]: deterministic BFS unicast next hops and broadcast fan-out.
+//! - [`gossip`]: the generic gossip layer ([`gossip::GossipData`], [`gossip::GossipChannel`]).
+//! - [`connmaker`]: dial targets, backoff and their status.
 
 pub mod conn;
+pub mod connmaker;
+pub mod gossip;
 pub mod handshake;
 pub mod peer;
+pub mod routes;
+pub mod topology;
 pub mod wire;

@@ -57,7 +57,11 @@ impl FrameCodec {
         if self.buf.len() < end {
             return Ok(None);
         }
-        let body = self.buf.get(FRAME_HEADER_LEN..end).unwrap_or_default().to_vec();
+        let body = self
+            .buf
+            .get(FRAME_HEADER_LEN..end)
+            .unwrap_or_default()
+            .to_vec();
         self.buf.drain(..end);
         Ok(Some(body))
     }
