@@ -4,6 +4,9 @@
 //! Layout (spec router §5.1, sleeve type): a Linux bridge `weave` in the host namespace; per
 //! attached container a veth pair `vethwepl<PID>` (host end, enslaved to the bridge, hairpin on)
 //! ↔ `ethwe` (inside the container's namespace). Exposed host addresses live on the bridge.
+//! The sleeve's capture pair `vethwe-bridge` (a bridge port, hairpin off) ↔ `vethwe-pcap` (where
+//! the router captures and injects, see `crate::capture`) comes from
+//! [`Bridge::ensure_capture_port`].
 //!
 //! [`Bridge`] must be used from tokio threads that are in the namespace that owns the bridge
 //! (the host's, in production): its netlink socket, its ethtool/ARP sockets and its `/proc/sys/net`

@@ -155,3 +155,26 @@ impl DropCounters {
             .filter(|(_, n)| *n > 0)
     }
 }
+
+#[cfg(test)]
+mod drop_reason_tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_variant_in_order_with_unique_labels() {
+        let mut labels = std::collections::HashSet::new();
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+            assert!(labels.insert(r.as_str()));
+        }
+        let mut c = DropCounters::default();
+        c.record(DropReason::Closed);
+        c.record(DropReason::BadTag);
+        c.record(DropReason::BadTag);
+        assert_eq!(c.total(), 3);
+        assert_eq!(
+            c.iter().collect::<Vec<_>>(),
+            vec![(DropReason::BadTag, 2), (DropReason::Closed, 1)]
+        );
+    }
+}

@@ -122,10 +122,16 @@ impl Pair {
                 };
                 assert_eq!(t.size, self.buf.len());
                 assert!(t.size <= codec::MAX_UDP_PAYLOAD);
-                assert_eq!(t.destination, if to_b { ADDR_B } else { ADDR_A });
+                if t.df && self.buf.get(1) == Some(&(MessageType::Data as u8)) {
+                    let mtu = side.fwd.effective_mtu();
+                    let limit = codec::datagram_len_for_mtu(mtu, side.fwd.is_encrypted());
+                    assert!(t.size <= limit, "{} > {limit}", t.size);
+                }
                 let from = side.addr;
+                let to = if to_b { self.b.addr } else { self.a.addr };
                 self.sent += 1;
-                let lost = self.blackhole
+                let lost = t.destination != to
+                    || self.blackhole
                     || self.drop_every.is_some_and(|n| self.sent.is_multiple_of(n))
                     || (t.size > self.mtu && (t.df || !self.frag_ok));
                 if !lost {
@@ -603,13 +609,18 @@ proptest! {
 }
 
 #[test]
-fn pmtu_timing_probe_tmp() {
+fn follows_peer_address_change() {
     let mut p = Pair::new(true);
     p.establish();
-    let t0 = p.time;
-    while verified(&p.a).is_none() {
-        let end = p.time + Duration::from_millis(100);
-        p.step(end);
-    }
-    eprintln!("verified after {:?}, sent {}", p.time - t0, p.sent);
+    // A's NAT mapping changes: B hears it from address 3 and moves there.
+    p.a.addr = 3;
+    p.run_for(Duration::from_secs(11));
+    assert!(p.b.has(ForwarderEvent::RemoteAddressChanged));
+    assert_eq!(p.b.fwd.remote_addr(), Some(&3));
+    p.b.fwd
+        .queue_frame(NAME_B, NAME_A, &eth(60, 5), true)
+        .unwrap();
+    p.run_for(Duration::from_millis(10));
+    assert_eq!(p.a.frames, vec![(NAME_B, NAME_A, eth(60, 5))]);
+    assert!(!p.a.has(ForwarderEvent::HeartbeatTimedOut));
 }
