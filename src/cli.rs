@@ -82,6 +82,18 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         args: Vec<String>,
     },
+    /// Connect to more peers: `weave connect [--replace] <peer>...`.
+    Connect {
+        /// Replace the current peers instead of adding to them.
+        #[arg(long)]
+        replace: bool,
+        peers: Vec<String>,
+    },
+    /// Stop reconnecting to peers (existing connections stay): `weave forget <peer>...`.
+    Forget {
+        #[arg(required = true)]
+        peers: Vec<String>,
+    },
     /// Print the version of this client and of the running router.
     Version,
     /// Run the router daemon in the foreground (what the `weave` container runs).
@@ -94,7 +106,7 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct LaunchArgs {
-    /// Encrypt traffic between peers with this password (peers come with the next release).
+    /// Encrypt traffic between peers with this password.
     #[arg(long, env = "WEAVE_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
     /// MTU of the weave bridge and container interfaces.
@@ -114,7 +126,7 @@ pub struct LaunchArgs {
     pub listen: Vec<String>,
     #[command(flatten)]
     pub proxy_opts: ProxyOptions,
-    /// Peers to connect to (the mesh comes with the next release).
+    /// Peers to connect to (`host[:port]`).
     pub peers: Vec<String>,
 }
 
@@ -174,6 +186,15 @@ pub struct RouterArgs {
     /// Proxy addresses to report on /proxyaddrs (repeatable).
     #[arg(long = "proxy-addr")]
     pub proxy_addrs: Vec<String>,
+    /// Mesh port.
+    #[arg(long, default_value_t = weave_router::MESH_PORT)]
+    pub port: u16,
+    /// Only connect to the peers given, not to those learnt through gossip.
+    #[arg(long)]
+    pub no_discovery: bool,
+    /// Cap on mesh connections (0 = unlimited).
+    #[arg(long, default_value_t = weave_router::DEFAULT_CONN_LIMIT)]
+    pub conn_limit: usize,
     pub peers: Vec<String>,
 }
 
@@ -209,6 +230,19 @@ mod tests {
         assert!(matches!(
             parse(&["weave", "launch", "--password", "s3cret", "192.0.2.11"]),
             Ok(Command::Launch(LaunchArgs { password: Some(_), ref peers, .. })) if peers == &["192.0.2.11"]
+        ));
+        assert!(matches!(
+            parse(&["weave", "connect", "--replace", "a", "b:6783"]),
+            Ok(Command::Connect { replace: true, ref peers }) if peers == &["a", "b:6783"]
+        ));
+        assert!(matches!(
+            parse(&["weave", "forget", "a"]),
+            Ok(Command::Forget { ref peers }) if peers == &["a"]
+        ));
+        assert!(parse(&["weave", "forget"]).is_err());
+        assert!(matches!(
+            parse(&["weave", "router", "--no-discovery", "--conn-limit", "5", "h1"]),
+            Ok(Command::Router(RouterArgs { no_discovery: true, conn_limit: 5, port: 6783, ref peers, .. })) if peers == &["h1"]
         ));
         assert!(matches!(
             parse(&["weave", "launch", "--proxy=false"]),

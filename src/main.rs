@@ -60,6 +60,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Config => cmd::env::config(&router).await,
         Command::Status { sub } => cmd::status::status(&router, sub.as_deref()).await,
         Command::Report { format } => cmd::status::report(&router, format.as_deref()).await,
+        Command::Connect { replace, peers } => cmd::mesh::connect(&router, &peers, replace).await,
+        Command::Forget { peers } => cmd::mesh::forget(&router, &peers).await,
         Command::Version => cmd::status::version(&router).await,
         Command::Ps { containers } => cmd::container::ps(&router, &containers).await,
         Command::Attach(args) => cmd::container::attach(&router, args).await,

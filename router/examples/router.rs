@@ -29,6 +29,11 @@ async fn main() -> ExitCode {
         nickname: "example".into(),
         proxy_addrs: Vec::new(),
         version: env!("CARGO_PKG_VERSION").into(),
+        port: weave_router::MESH_PORT,
+        password: None,
+        peers: Vec::new(),
+        discovery: true,
+        conn_limit: weave_router::DEFAULT_CONN_LIMIT,
     };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

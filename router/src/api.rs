@@ -5,7 +5,9 @@
 //! `GET /report` (indented JSON), `GET /proxyaddrs` (one per line; 404 without a proxy),
 //! `POST /attach/{id}`, `POST /detach/{id}`, `GET /interfaces/{pid}`,
 //! `GET /interfaces/weave:expose`, `POST /expose/{ip}/{len}[?skipNAT=true]` (204),
-//! `DELETE /expose/{ip}/{len}` (204), and `GET /` or `GET /health` for readiness.
+//! `DELETE /expose/{ip}/{len}` (204), `POST /connect` (form `peer=…` repeatable, `replace=true`;
+//! 200, or 400 with one line per bad peer), `POST /forget` (form `peer=…`; 200), and `GET /` or
+//! `GET /health` for readiness.
 //! Errors are `{"message": ...}`: 400 for bad input, 404 for unknown routes or absent things,
 //! 500 for operational failures.
 
@@ -51,6 +53,7 @@ pub const BRIDGE_TARGET: &str = "weave:expose";
 pub(crate) struct ApiState {
     pub(crate) control: ControlHandle,
     pub(crate) status: watch::Receiver<StatusSnapshot>,
+    pub(crate) mesh: crate::mesh_shell::MeshHandle,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +82,8 @@ pub(crate) enum Route {
     Interfaces(InterfaceTarget),
     Expose { cidr: Ipv4Cidr, skip_nat: bool },
     Hide { cidr: Ipv4Cidr },
+    Connect,
+    Forget,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +206,8 @@ pub(crate) fn parse_route(
         }
         ["report"] => (&[Method::GET], Ok(Route::Report)),
         ["proxyaddrs"] => (&[Method::GET], Ok(Route::ProxyAddrs)),
+        ["connect"] => (&[Method::POST], Ok(Route::Connect)),
+        ["forget"] => (&[Method::POST], Ok(Route::Forget)),
         ["attach", id] => (
             &[Method::POST],
             container_id(id).map(|container| Route::Attach { container }),
@@ -360,6 +367,64 @@ fn no_content() -> Resp {
     resp
 }
 
+/// Decode one `application/x-www-form-urlencoded` component (`+` is a space).
+fn form_decode(s: &str) -> Option<String> {
+    percent_decode(&s.replace('+', " "))
+}
+
+/// `(key, value)` pairs of a form body or query string.
+pub(crate) fn parse_form(body: &str) -> Result<Vec<(String, String)>, String> {
+    body.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match (form_decode(k), form_decode(v)) {
+                (Some(k), Some(v)) => Ok((k, v)),
+                _ => Err(format!("invalid form encoding in {pair:?}")),
+            }
+        })
+        .collect()
+}
+
+/// The form of a `/connect` or `/forget` request: the body, plus the query string.
+async fn read_form(body: Incoming, query: Option<&str>) -> Result<Vec<(String, String)>, Resp> {
+    let bytes = Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("reading request body: {e}"),
+            )
+        })?
+        .to_bytes();
+    let text = String::from_utf8(bytes.to_vec())
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "request body is not UTF-8"))?;
+    let mut pairs =
+        parse_form(query.unwrap_or("")).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+    pairs.extend(parse_form(text.trim()).map_err(|e| error(StatusCode::BAD_REQUEST, e))?);
+    Ok(pairs)
+}
+
+fn form_values(pairs: &[(String, String)], key: &str) -> Vec<String> {
+    pairs
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+fn mesh_error(e: crate::mesh_shell::MeshError) -> Resp {
+    match e {
+        crate::mesh_shell::MeshError::InvalidPeers(_) => {
+            text(StatusCode::BAD_REQUEST, format!("{e}\n"))
+        }
+        crate::mesh_shell::MeshError::Stopped => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    }
+}
+
 /// Read a capped JSON body.
 async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, Resp> {
     let bytes = match Limited::new(body, MAX_BODY).collect().await {
@@ -490,6 +555,26 @@ async fn handle(state: &ApiState, req: Request<Incoming>) -> Resp {
             Ok(()) => no_content(),
             Err(e) => error(control_status(&e), e.to_string()),
         },
+        Route::Connect | Route::Forget => {
+            let query = req.uri().query().map(str::to_string);
+            let pairs = match read_form(req.into_body(), query.as_deref()).await {
+                Ok(pairs) => pairs,
+                Err(resp) => return resp,
+            };
+            let peers = form_values(&pairs, "peer");
+            let result = if route == Route::Connect {
+                let replace = form_values(&pairs, "replace")
+                    .iter()
+                    .any(|v| v == "true" || v == "1");
+                state.mesh.connect(&peers, replace).await
+            } else {
+                state.mesh.forget(&peers).await
+            };
+            match result {
+                Ok(()) => text(StatusCode::OK, String::new()),
+                Err(e) => mesh_error(e),
+            }
+        }
     }
 }
 
@@ -752,6 +837,25 @@ mod tests {
             500
         );
         assert_eq!(control_status(&ControlError::Stopped).as_u16(), 503);
+    }
+
+    #[test]
+    fn forms() {
+        assert_eq!(
+            parse_form("peer=10.0.0.1&peer=host%3A6783&replace=true&x=a+b"),
+            Ok(vec![
+                ("peer".to_string(), "10.0.0.1".to_string()),
+                ("peer".to_string(), "host:6783".to_string()),
+                ("replace".to_string(), "true".to_string()),
+                ("x".to_string(), "a b".to_string()),
+            ])
+        );
+        assert_eq!(parse_form(""), Ok(vec![]));
+        assert!(parse_form("peer=%zz").is_err());
+        let post = Method::POST;
+        assert_eq!(parse_route(&post, "/connect", None), Ok(Route::Connect));
+        assert_eq!(parse_route(&post, "/forget", None), Ok(Route::Forget));
+        assert!(parse_route(&Method::GET, "/connect", None).is_err());
     }
 
     #[test]

@@ -108,6 +108,31 @@ impl RouterClient {
         self.send(Method::DELETE, &path, None).await.map(drop)
     }
 
+    /// `POST /connect`: add mesh peers (`replace`: instead of the current ones). A 400 carries
+    /// one line per invalid peer.
+    pub async fn connect(&self, peers: &[String], replace: bool) -> Result<(), ClientError> {
+        let mut form = form_encode("peer", peers);
+        if replace {
+            form.push_str(if form.is_empty() {
+                "replace=true"
+            } else {
+                "&replace=true"
+            });
+        }
+        self.send_form("/connect", form).await
+    }
+
+    /// `POST /forget`: stop redialling these peers (existing connections stay).
+    pub async fn forget(&self, peers: &[String]) -> Result<(), ClientError> {
+        self.send_form("/forget", form_encode("peer", peers)).await
+    }
+
+    async fn send_form(&self, path: &str, form: String) -> Result<(), ClientError> {
+        self.send_with(Method::POST, path, Some((FORM, form.into_bytes())))
+            .await
+            .map(drop)
+    }
+
     /// `GET <path>` as text: `/status`, `/status/connections`, `/proxyaddrs`, ...
     pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
         let body = self.send(Method::GET, path, None).await?;
@@ -139,6 +164,16 @@ impl RouterClient {
         path: &str,
         json_body: Option<Vec<u8>>,
     ) -> Result<Bytes, ClientError> {
+        self.send_with(method, path, json_body.map(|b| (JSON, b)))
+            .await
+    }
+
+    async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<Bytes, ClientError> {
         let unreachable = |source| ClientError::Unreachable {
             addr: self.addr,
             source,
@@ -158,11 +193,15 @@ impl RouterClient {
             .method(method)
             .uri(path)
             .header(http::header::HOST, self.addr.to_string());
-        if json_body.is_some() {
-            builder = builder.header(http::header::CONTENT_TYPE, "application/json");
-        }
+        let body = match body {
+            Some((content_type, bytes)) => {
+                builder = builder.header(http::header::CONTENT_TYPE, content_type);
+                bytes
+            }
+            None => Vec::new(),
+        };
         let request = builder
-            .body(Full::new(Bytes::from(json_body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| ClientError::BadReply(e.to_string()))?;
         let response = sender.send_request(request).await?;
         let status = response.status();
@@ -175,6 +214,28 @@ impl RouterClient {
             message: error_message(status, &body),
         })
     }
+}
+
+const JSON: &str = "application/json";
+const FORM: &str = "application/x-www-form-urlencoded";
+
+/// `key=v1&key=v2`, percent-encoding everything but unreserved characters.
+fn form_encode(key: &str, values: &[String]) -> String {
+    values
+        .iter()
+        .map(|v| {
+            let mut enc = String::with_capacity(v.len());
+            for b in v.bytes() {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    enc.push(char::from(b));
+                } else {
+                    enc.push_str(&format!("%{b:02X}"));
+                }
+            }
+            format!("{key}={enc}")
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ClientError> {
@@ -191,5 +252,22 @@ fn error_message(status: StatusCode, body: &[u8]) -> String {
         status.to_string()
     } else {
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_encoding() {
+        assert_eq!(
+            form_encode(
+                "peer",
+                &["10.0.0.1".into(), "host:6783".into(), "a b".into()]
+            ),
+            "peer=10.0.0.1&peer=host%3A6783&peer=a%20b"
+        );
+        assert_eq!(form_encode("peer", &[]), "");
     }
 }

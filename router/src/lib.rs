@@ -1,11 +1,13 @@
-//! The weave router: one per host. Today it owns the `weave` bridge, attaches containers to it,
-//! installs the iptables rules the bridge needs, and serves the HTTP API on 127.0.0.1:6784 that
-//! the CLI and the proxy use. The mesh (gossip over TCP 6783) and the sleeve (pcap + UDP) plug in
-//! here next.
+//! The weave router: one per host. It owns the `weave` bridge, attaches containers to it,
+//! installs the iptables rules the bridge needs, runs the mesh (TCP 6783: handshake, encryption,
+//! topology gossip, connection maker) and serves the HTTP API on 127.0.0.1:6784 that the CLI and
+//! the proxy use. The sleeve (pcap + UDP data plane) plugs in next, fed by
+//! [`mesh_shell::MeshEvent`]s.
 //!
 //! Pure modules (no IO, unit-tested without root): [`addr`], [`api_types`], [`status`].
 //! Shells: [`bridge`] (the only place that talks rtnetlink), [`iptables`], [`api`] (HTTP server),
-//! `control` (the task that owns the bridge), [`client`] (HTTP client used by the CLI and the
+//! `control` (the task that owns the bridge), [`mesh_shell`] (the mesh's TCP connections, one
+//! task each, around the pure [`mesh`] core), [`client`] (HTTP client used by the CLI and the
 //! proxy).
 
 pub mod addr;
@@ -18,6 +20,7 @@ mod control;
 pub mod iptables;
 pub mod mac_cache;
 pub mod mesh;
+pub mod mesh_shell;
 pub mod sleeve;
 pub mod status;
 
@@ -33,8 +36,10 @@ use tokio::sync::watch;
 pub use bridge::{Bridge, BridgeError, MacAddr};
 pub use iptables::IptablesError;
 
-/// Weave's mesh port (shown in status; the mesh itself comes next).
+/// Weave's mesh port.
 pub const MESH_PORT: u16 = 6783;
+/// Default cap on mesh connections (`--conn-limit`).
+pub const DEFAULT_CONN_LIMIT: usize = 200;
 /// Default bridge name.
 pub const DEFAULT_BRIDGE: &str = "weave";
 /// Default bridge MTU (Weave's fastdp default; fits GCE's 1460 with encapsulation).
@@ -59,6 +64,16 @@ pub struct RouterConfig {
     pub proxy_addrs: Vec<String>,
     /// Release string shown by `weave status` / `weave version`.
     pub version: String,
+    /// Mesh port, normally 6783.
+    pub port: u16,
+    /// Mesh password (`WEAVE_PASSWORD`); `None` = unencrypted.
+    pub password: Option<String>,
+    /// Peers to connect to (`host[:port]`).
+    pub peers: Vec<String>,
+    /// Connect to peers learnt through gossip.
+    pub discovery: bool,
+    /// Cap on mesh connections (0 = unlimited).
+    pub conn_limit: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +82,12 @@ pub enum RouterError {
     Bridge(#[from] BridgeError),
     #[error(transparent)]
     Iptables(#[from] IptablesError),
+    #[error("cannot listen on port {port} for the mesh: {source}")]
+    MeshListen {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr} for the HTTP API: {source}")]
     Listen {
         addr: SocketAddr,
@@ -131,7 +152,7 @@ pub async fn run(
         router: status::RouterStatus::alone(
             &mac.to_string(),
             &config.nickname,
-            MESH_PORT,
+            config.port,
             uid,
             (uid >> 52) as u16,
         ),
@@ -139,14 +160,41 @@ pub async fn run(
             addresses: config.proxy_addrs.clone(),
         }),
     };
-    // The sender stays here: the mesh will publish updates through it.
-    let (_status_tx, status_rx) = watch::channel(snapshot);
+    // The mesh task publishes its part of the status through the sender.
+    let (status_tx, status_rx) = watch::channel(snapshot);
+    let mesh_config = mesh_shell::MeshConfig {
+        name: mesh::peer::PeerName::from_bytes(mac.0),
+        nickname: config.nickname.clone(),
+        uid,
+        port: config.port,
+        password: config.password.clone().filter(|p| !p.is_empty()),
+        peers: config.peers.clone(),
+        discovery: config.discovery,
+        conn_limit: config.conn_limit,
+        kdf: mesh::handshake::KdfParams::DEFAULT,
+    };
+    let mut running = mesh_shell::start(mesh_config, status_tx)
+        .await
+        .map_err(|source| RouterError::MeshListen {
+            port: config.port,
+            source,
+        })?;
+    // Until the sleeve shell consumes them, mesh events are only logged.
+    let mut events = std::mem::replace(&mut running.events, tokio::sync::mpsc::channel(1).1);
+    let drain = tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            tracing::debug!(event = ?ev, "mesh event");
+        }
+    });
     let (control, owner) = control::spawn(bridge);
     let state = api::ApiState {
         control,
         status: status_rx,
+        mesh: running.handle.clone(),
     };
     api::serve(listener, state, shutdown).await;
+    running.abort();
+    drain.abort();
     // Every handle is gone with the server, so the owner stops after the command in flight.
     let abort = owner.abort_handle();
     if tokio::time::timeout(CONTROL_GRACE, owner).await.is_err() {

@@ -50,6 +50,11 @@ fn api_end_to_end() {
             nickname: "testhost".into(),
             proxy_addrs: vec!["unix:///var/run/weave/weave.sock".into()],
             version: "9.9.9".into(),
+            port: weave_router::MESH_PORT,
+            password: None,
+            peers: Vec::new(),
+            discovery: true,
+            conn_limit: weave_router::DEFAULT_CONN_LIMIT,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let router = tokio::spawn(run(config, async {

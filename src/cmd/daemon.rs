@@ -30,10 +30,15 @@ pub async fn router(args: RouterArgs, http_addr: SocketAddr) -> Result<()> {
         nickname: args.nickname.unwrap_or_else(super::launch::hostname),
         proxy_addrs: args.proxy_addrs,
         version: env!("CARGO_PKG_VERSION").to_string(),
+        port: args.port,
+        // `weave launch` passes the password in the environment, never on the command line.
+        password: std::env::var("WEAVE_PASSWORD")
+            .ok()
+            .filter(|p| !p.is_empty()),
+        peers: args.peers,
+        discovery: !args.no_discovery,
+        conn_limit: args.conn_limit,
     };
-    if !args.peers.is_empty() {
-        tracing::warn!(peers = ?args.peers, "peers given, but this version has no mesh yet: running as a single host");
-    }
     weave_router::run(config, shutdown_signal())
         .await
         .context("router failed")

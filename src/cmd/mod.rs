@@ -5,6 +5,7 @@ pub mod container;
 pub mod daemon;
 pub mod env;
 pub mod launch;
+pub mod mesh;
 pub mod status;
 pub mod stop;
 

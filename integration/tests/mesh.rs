@@ -1,0 +1,220 @@
+//! The mesh between hosts: `weave launch [--password P] <peers>` connects the routers over TCP
+//! 6783 on the underlay, with encryption, discovery, `weave connect` and `weave forget`, all seen
+//! through `weave status`.
+//!
+//! Container traffic between hosts needs the sleeve, which is not here yet: these tests only look
+//! at the control plane.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use weave_integration::{eventually, patience, Cluster, Host};
+
+fn addr(h: &Host) -> Result<String> {
+    Ok(h.underlay_addr()
+        .context("host is not on the underlay")?
+        .to_string())
+}
+
+fn launch(h: &Host, args: &[&str]) -> Result<()> {
+    let mut all = vec!["launch"];
+    all.extend(args);
+    h.weave(&all)?.ok()?;
+    Ok(())
+}
+
+fn status(h: &Host, sub: &str) -> Result<String> {
+    Ok(h.weave(["status", sub])?.ok()?.stdout)
+}
+
+/// `weave status`.
+fn summary(h: &Host) -> Result<String> {
+    Ok(h.weave(["status"])?.ok()?.stdout)
+}
+
+/// The peer name of the router on `h`.
+fn peer_name(h: &Host) -> Result<String> {
+    Ok(h.weave(["report", "-f", "{{.Router.Name}}"])?
+        .ok()?
+        .stdout_trim()
+        .to_string())
+}
+
+/// The `weave status connections` line about `ip` (either direction), if any.
+fn connection_to(h: &Host, ip: &str) -> Result<Option<String>> {
+    let text = status(h, "connections")?;
+    let needle = format!(" {ip}:");
+    Ok(text
+        .lines()
+        .find(|l| l.contains(&needle))
+        .map(str::to_string))
+}
+
+/// Waits until `h` has an established connection with the host at `ip`; returns its line.
+fn wait_established(h: &Host, ip: &str) -> Result<String> {
+    eventually(
+        &format!("{} established with {ip}", h.name()),
+        patience(),
+        || {
+            let text = status(h, "connections")?;
+            let needle = format!(" {ip}:");
+            text.lines()
+                .find(|l| l.contains(&needle) && l.contains("established"))
+                .map(str::to_string)
+                .with_context(|| format!("no established connection with {ip}:\n{text}"))
+        },
+    )
+}
+
+#[test]
+fn two_hosts_connect_encrypted() -> Result<()> {
+    let cluster = Cluster::new(2)?;
+    cluster.scenario(|c| {
+        let (h1, h2) = (c.host(0), c.host(1));
+        let (a1, a2) = (addr(h1)?, addr(h2)?);
+        launch(h1, &["--password", "s3cret"])?;
+        launch(h2, &["--password", "s3cret", &a1])?;
+        for (h, other) in [(h1, &a2), (h2, &a1)] {
+            let line = wait_established(h, other)?;
+            ensure!(
+                line.contains("encrypted") && !line.contains("unencrypted"),
+                "the connection must be encrypted: {line}"
+            );
+        }
+        let (n1, n2) = (peer_name(h1)?, peer_name(h2)?);
+        ensure!(n1 != n2, "peer names must differ: {n1}");
+        for h in [h1, h2] {
+            eventually("both peers listed", patience(), || {
+                let peers = status(h, "peers")?;
+                let top: Vec<&str> = peers.lines().filter(|l| !l.starts_with(' ')).collect();
+                ensure!(top.len() == 2, "two peers expected:\n{peers}");
+                for n in [&n1, &n2] {
+                    ensure!(
+                        top.iter().any(|l| l.starts_with(n.as_str())),
+                        "{n} missing:\n{peers}"
+                    );
+                }
+                ensure!(
+                    peers.lines().filter(|l| l.ends_with("established")).count() == 2,
+                    "each peer lists its established connection:\n{peers}"
+                );
+                Ok(())
+            })?;
+            let summary = summary(h)?;
+            ensure!(
+                summary.contains("Encryption: enabled"),
+                "encryption on:\n{summary}"
+            );
+            ensure!(
+                summary.contains("Connections: 1 (1 established)"),
+                "one connection:\n{summary}"
+            );
+        }
+        // Shown with --nocapture (and on failure).
+        eprintln!(
+            "{}{}{}",
+            summary(h2)?,
+            status(h2, "connections")?,
+            status(h2, "peers")?
+        );
+        ensure!(
+            status(h2, "targets")?.trim() == a1,
+            "h2 targets h1: {}",
+            status(h2, "targets")?
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn wrong_password_is_refused_with_its_reason() -> Result<()> {
+    let cluster = Cluster::new(2)?;
+    cluster.scenario(|c| {
+        let (h1, h2) = (c.host(0), c.host(1));
+        let (a1, a2) = (addr(h1)?, addr(h2)?);
+        launch(h1, &["--password", "s3cret"])?;
+        launch(h2, &["--password", "wrong", &a1])?;
+        let line = eventually("h2 reports the password mismatch", patience(), || {
+            let line = connection_to(h2, &a1)?.context("no line for h1 yet")?;
+            ensure!(line.contains("password"), "no password reason yet: {line}");
+            Ok(line)
+        })?;
+        ensure!(
+            line.contains("failed") || line.contains("retrying"),
+            "{line}"
+        );
+        // A few more attempts never get through.
+        std::thread::sleep(Duration::from_secs(3));
+        for (h, other) in [(h1, &a2), (h2, &a1)] {
+            if let Some(line) = connection_to(h, other)? {
+                ensure!(!line.contains("established"), "must not connect: {line}");
+            }
+        }
+        let logs = h1.docker(["logs", "weave"])?.ok()?.combined();
+        ensure!(
+            logs.contains("password mismatch"),
+            "h1 logs the reason too:\n{logs}"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn third_host_discovers_the_first() -> Result<()> {
+    let cluster = Cluster::new(3)?;
+    cluster.scenario(|c| {
+        let (h1, h2, h3) = (c.host(0), c.host(1), c.host(2));
+        let (a1, a2, a3) = (addr(h1)?, addr(h2)?, addr(h3)?);
+        launch(h1, &[])?;
+        launch(h2, &[&a1])?;
+        launch(h3, &[&a2])?;
+        wait_established(h3, &a2)?;
+        wait_established(h3, &a1)?;
+        wait_established(h1, &a3)?;
+        eventually("h3 knows three peers", patience(), || {
+            let peers = status(h3, "peers")?;
+            let top = peers.lines().filter(|l| !l.starts_with(' ')).count();
+            ensure!(top == 3, "three peers expected:\n{peers}");
+            Ok(())
+        })?;
+        let summary = summary(h3)?;
+        ensure!(
+            summary.contains("Encryption: disabled"),
+            "no password:\n{summary}"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn connect_and_forget_change_targets() -> Result<()> {
+    let cluster = Cluster::new(2)?;
+    cluster.scenario(|c| {
+        let (h1, h2) = (c.host(0), c.host(1));
+        let (a1, a2) = (addr(h1)?, addr(h2)?);
+        launch(h1, &[])?;
+        launch(h2, &[])?;
+        ensure!(status(h1, "targets")?.is_empty(), "no targets at first");
+        h1.weave(["connect", &a2])?.ok()?;
+        ensure!(status(h1, "targets")? == format!("{a2}\n"), "target added");
+        wait_established(h1, &a2)?;
+        wait_established(h2, &a1)?;
+        let bad = h1.weave(["connect", "bad host"])?.fail()?;
+        ensure!(
+            bad.combined().contains("invalid peer name"),
+            "bad peer refused: {bad}"
+        );
+        h1.weave(["connect", "--replace", "192.0.2.250:7000"])?
+            .ok()?;
+        ensure!(
+            status(h1, "targets")? == "192.0.2.250:7000\n",
+            "replaced: {}",
+            status(h1, "targets")?
+        );
+        h1.weave(["forget", "192.0.2.250:7000"])?.ok()?;
+        ensure!(status(h1, "targets")?.is_empty(), "forgotten");
+        // Forget does not close connections.
+        wait_established(h1, &a2)?;
+        Ok(())
+    })
+}

@@ -1,0 +1,1385 @@
+//! The mesh shell (spec §2.1, §3.3, §3.7): real TCP connections on port 6783 driving the sans-IO
+//! core in [`crate::mesh`].
+//!
+//! Tasks, each owning its own state (no shared state behind a mutex):
+//! - the **acceptor** (`accept_loop`) takes inbound connections, paced by a token bucket
+//!   (burst 20, then one per 50 ms), and spawns a connection task for each;
+//! - one **connection task** per TCP connection (`connection`) runs the [`Handshake`]
+//!   (Argon2id in `spawn_blocking`, at most [`KDF_SLOTS`] at once), registers with the mesh task,
+//!   then drives the [`Conn`] (heartbeats, rekeying) until an error or a close;
+//! - the **mesh task** (`Mesh`) owns the topology (behind its [`GossipChannel`]), the routes, the
+//!   [`ConnectionMaker`] and the registry of live connections; it dials, gossips, decides
+//!   duplicates and publishes the status on a `watch` channel.
+//!
+//! Connection tasks talk to the mesh task over a bounded channel (awaited); the mesh task never
+//! awaits a connection task (it uses `try_send`; a full queue drops the message, which periodic
+//! gossip repairs), so the two can never deadlock.
+//!
+//! For the sleeve shell: [`MeshEvent`]s (connection up with its UDP keys, rekeys, connection down,
+//! overlay control messages) come out of [`start`]; [`MeshHandle::send_overlay`] sends overlay
+//! control messages to a peer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand_core::OsRng;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::mesh::conn::{Conn, ConnConfig, ConnEvent, Message, UdpKeys};
+use crate::mesh::connmaker::{
+    parse_peer_spec, ConnMakerConfig, ConnectionMaker, DirectPeer, TargetState,
+};
+use crate::mesh::gossip::{choose_neighbours, gossip_fanout, GossipChannel, SurrogateFilter};
+use crate::mesh::handshake::{
+    resolve_duplicate, DuplicateResolution, Established, Handshake, HandshakeConfig,
+    HandshakeError, KdfParams, Progress,
+};
+use crate::mesh::peer::{Peer, PeerName, PeerUid};
+use crate::mesh::routes::{LinkFilter, Routes};
+use crate::mesh::topology::{ConnSummary, Topology};
+use crate::status::{
+    BroadcastRoute, ConnectionState, ConnectionStatus, PeerConnection, PeerStatus, StatusSnapshot,
+    UnicastRoute,
+};
+
+/// The topology gossip channel.
+pub const TOPOLOGY_CHANNEL: &str = "topology";
+/// Concurrent Argon2id runs (each holds 32 MiB with the default parameters).
+pub const KDF_SLOTS: usize = 2;
+/// Deadline for the TCP connect of a dial.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Accept pacing (spec §2.1): burst, then one per interval.
+const ACCEPT_BURST: u32 = 20;
+const ACCEPT_INTERVAL: Duration = Duration::from_millis(50);
+/// Queue sizes.
+const TO_MESH_QUEUE: usize = 256;
+const TO_CONN_QUEUE: usize = 64;
+const EVENT_QUEUE: usize = 256;
+const COMMAND_QUEUE: usize = 16;
+/// The overlay every connection uses (the sleeve shell will confirm it).
+const OVERLAY: &str = "sleeve";
+
+/// What the mesh needs.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// Our peer name (the bridge MAC).
+    pub name: PeerName,
+    pub nickname: String,
+    /// Random non-zero UID chosen at start.
+    pub uid: u64,
+    /// Listen (and default dial) port, normally 6783.
+    pub port: u16,
+    /// Mesh password (`WEAVE_PASSWORD`); `None` or empty = unencrypted.
+    pub password: Option<String>,
+    /// Peers given at launch (`host[:port]`).
+    pub peers: Vec<String>,
+    pub discovery: bool,
+    /// 0 = unlimited.
+    pub conn_limit: usize,
+    pub kdf: KdfParams,
+}
+
+impl MeshConfig {
+    fn encrypted(&self) -> bool {
+        self.password.as_ref().is_some_and(|p| !p.is_empty())
+    }
+}
+
+/// What the sleeve shell gets.
+#[derive(Debug, Clone)]
+pub enum MeshEvent {
+    /// A connection was added to the local peer. `keys` (password mode) are epoch 0's UDP keys;
+    /// `udp_encrypted` is false without a password or when both ends trust each other.
+    ConnectionUp {
+        remote: PeerName,
+        nickname: String,
+        /// Remote TCP address (its IP is where the sleeve sends UDP).
+        addr: SocketAddr,
+        outbound: bool,
+        conn_uid: u64,
+        udp_encrypted: bool,
+        keys: Option<UdpKeys>,
+    },
+    /// The TCP connection to `remote` rekeyed: new UDP keys (keep the old receive key a while).
+    UdpRekey { remote: PeerName, keys: UdpKeys },
+    /// The connection to `remote` is gone: stop its forwarder.
+    ConnectionDown { remote: PeerName },
+    /// An overlay control message from a neighbour.
+    OverlayControl {
+        from: PeerName,
+        index: u8,
+        body: Vec<u8>,
+    },
+}
+
+#[derive(Debug)]
+enum MeshCommand {
+    Connect {
+        peers: Vec<DirectPeer>,
+        replace: bool,
+    },
+    Forget {
+        peers: Vec<String>,
+    },
+    SendOverlay {
+        to: PeerName,
+        index: u8,
+        body: Vec<u8>,
+    },
+}
+
+/// Commands for the mesh task (API and sleeve side).
+#[derive(Debug, Clone)]
+pub struct MeshHandle {
+    tx: mpsc::Sender<MeshCommand>,
+    port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("the mesh is not running")]
+    Stopped,
+    /// One line per bad peer string.
+    #[error("{}", .0.join("\n"))]
+    InvalidPeers(Vec<String>),
+}
+
+impl MeshHandle {
+    /// `POST /connect`: resolve every string, then add them to the direct peers.
+    pub async fn connect(&self, peers: &[String], replace: bool) -> Result<(), MeshError> {
+        let peers = resolve_peers(peers, self.port)
+            .await
+            .map_err(MeshError::InvalidPeers)?;
+        self.tx
+            .send(MeshCommand::Connect { peers, replace })
+            .await
+            .map_err(|_| MeshError::Stopped)
+    }
+
+    /// `POST /forget`.
+    pub async fn forget(&self, peers: &[String]) -> Result<(), MeshError> {
+        self.tx
+            .send(MeshCommand::Forget {
+                peers: peers.to_vec(),
+            })
+            .await
+            .map_err(|_| MeshError::Stopped)
+    }
+
+    /// Send an overlay control message to the neighbour `to` (dropped if not connected).
+    pub async fn send_overlay(
+        &self,
+        to: PeerName,
+        index: u8,
+        body: Vec<u8>,
+    ) -> Result<(), MeshError> {
+        self.tx
+            .send(MeshCommand::SendOverlay { to, index, body })
+            .await
+            .map_err(|_| MeshError::Stopped)
+    }
+}
+
+/// Resolve `host[:port]` strings (DNS at connect time, spec §3.7). Errors: one line per string.
+pub async fn resolve_peers(specs: &[String], port: u16) -> Result<Vec<DirectPeer>, Vec<String>> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for spec in specs {
+        let (host, port, port_given) = match parse_peer_spec(spec, port) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.push(e.to_string());
+                continue;
+            }
+        };
+        let looked_up = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map(Iterator::collect::<Vec<SocketAddr>>);
+        match looked_up {
+            Ok(addrs) => {
+                // Prefer IPv4, as Weave's tcp4 dialler.
+                match addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()) {
+                    Some(addr) => out.push(DirectPeer {
+                        spec: spec.clone(),
+                        addr: *addr,
+                        port_given,
+                    }),
+                    None => errors.push(format!("lookup {host}: no addresses")),
+                }
+            }
+            Err(e) => errors.push(format!("lookup {host}: {e}")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// A running mesh.
+#[derive(Debug)]
+pub struct RunningMesh {
+    pub handle: MeshHandle,
+    /// For the sleeve shell (drain it: a full queue drops events).
+    pub events: mpsc::Receiver<MeshEvent>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningMesh {
+    /// Stop the acceptor and the mesh task (connection tasks end when they next talk to it).
+    pub fn abort(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Bind the mesh port and start the acceptor and the mesh task. The mesh task publishes into
+/// `status` (router part) after every event.
+pub async fn start(
+    config: MeshConfig,
+    status: watch::Sender<StatusSnapshot>,
+) -> std::io::Result<RunningMesh> {
+    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], config.port))).await?;
+    let mut hs = HandshakeConfig::new(config.name, config.nickname.clone(), PeerUid(config.uid));
+    hs.password = config
+        .password
+        .clone()
+        .filter(|p| !p.is_empty())
+        .map(String::into_bytes);
+    hs.kdf = config.kdf;
+    let (to_mesh, from_conns) = mpsc::channel(TO_MESH_QUEUE);
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (event_tx, events) = mpsc::channel(EVENT_QUEUE);
+    let ctx = Arc::new(ConnCtx {
+        hs,
+        kdf_slots: Semaphore::new(KDF_SLOTS),
+        to_mesh,
+    });
+    let initial = resolve_peers(&config.peers, config.port).await;
+    let initial = match initial {
+        Ok(p) => p,
+        Err(errors) => {
+            for e in errors {
+                tracing::warn!(error = %e, "ignoring launch peer");
+            }
+            // Keep the ones that did resolve.
+            let mut ok = Vec::new();
+            for spec in &config.peers {
+                if let Ok(mut p) = resolve_peers(std::slice::from_ref(spec), config.port).await {
+                    ok.append(&mut p);
+                }
+            }
+            ok
+        }
+    };
+    let handle = MeshHandle {
+        tx: cmd_tx,
+        port: config.port,
+    };
+    let acceptor = tokio::spawn(accept_loop(listener, ctx.clone()));
+    let mesh = Mesh::new(config, ctx, status, event_tx, initial);
+    let task = tokio::spawn(mesh.run(from_conns, cmd_rx));
+    Ok(RunningMesh {
+        handle,
+        events,
+        tasks: vec![acceptor, task],
+    })
+}
+
+/// GCRA pacing: given the theoretical arrival time `tat`, return the new one and how long to
+/// wait before accepting again (0 while within the burst).
+fn pace(tat: Instant, now: Instant, interval: Duration, burst: u32) -> (Instant, Duration) {
+    let tat = tat.max(now) + interval;
+    let allowed = now + interval * burst;
+    (tat, tat.saturating_duration_since(allowed))
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<ConnCtx>) {
+    let mut tat = Instant::now();
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                tokio::spawn(connection(next_id(), stream, addr, false, ctx.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "mesh accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let (next, wait) = pace(tat, Instant::now(), ACCEPT_INTERVAL, ACCEPT_BURST);
+        tat = next;
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+fn next_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Shared by every connection task.
+struct ConnCtx {
+    hs: HandshakeConfig,
+    kdf_slots: Semaphore,
+    to_mesh: mpsc::Sender<ToMesh>,
+}
+
+#[derive(Debug)]
+enum ToConn {
+    Send(Message),
+    Close(String),
+}
+
+struct Registration {
+    id: u64,
+    remote: Peer,
+    addr: SocketAddr,
+    outbound: bool,
+    conn_uid: u64,
+    encrypted: bool,
+    udp_encrypted: bool,
+    keys: Option<UdpKeys>,
+    tx: mpsc::Sender<ToConn>,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+enum ToMesh {
+    AttemptFailed {
+        addr: SocketAddr,
+        error: String,
+        permanent: bool,
+    },
+    Register(Box<Registration>),
+    UdpKeys {
+        id: u64,
+        remote: PeerName,
+        keys: UdpKeys,
+    },
+    Received {
+        id: u64,
+        from: PeerName,
+        msg: Message,
+    },
+    Closed {
+        id: u64,
+        remote: PeerName,
+        error: Option<String>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnFailure {
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("connection closed by the remote")]
+    Eof,
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ConnFailure {
+    fn permanent(&self) -> bool {
+        matches!(self, ConnFailure::Handshake(e) if e.is_permanent())
+    }
+}
+
+fn arrow(outbound: bool) -> &'static str {
+    if outbound {
+        "->"
+    } else {
+        "<-"
+    }
+}
+
+async fn write_all_hs(hs: &mut Handshake, stream: &mut TcpStream) -> std::io::Result<()> {
+    while let Some(bytes) = hs.poll_transmit() {
+        stream.write_all(&bytes).await?;
+    }
+    Ok(())
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Run the handshake on `stream`.
+async fn handshake(
+    stream: &mut TcpStream,
+    outbound: bool,
+    ctx: &ConnCtx,
+) -> Result<Established, ConnFailure> {
+    let encrypted = ctx.hs.password.is_some();
+    let mut hs = Handshake::new(&ctx.hs, outbound, Instant::now(), &mut OsRng);
+    write_all_hs(&mut hs, stream).await?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = tokio::select! {
+            r = stream.read(&mut buf) => r?,
+            () = sleep_until_opt(hs.poll_timeout()) => {
+                hs.handle_timeout(Instant::now())?;
+                continue;
+            }
+        };
+        if n == 0 {
+            return Err(ConnFailure::Eof);
+        }
+        let data = buf.get(..n).unwrap_or_default().to_vec();
+        let result = if encrypted {
+            // Argon2id may run in this call: off the async threads, and bounded.
+            let _permit = ctx
+                .kdf_slots
+                .acquire()
+                .await
+                .map_err(|e| ConnFailure::Other(e.to_string()))?;
+            let (back, result) = tokio::task::spawn_blocking(move || {
+                let r = hs.on_bytes(Instant::now(), &data);
+                (hs, r)
+            })
+            .await
+            .map_err(|e| ConnFailure::Other(e.to_string()))?;
+            hs = back;
+            result
+        } else {
+            hs.on_bytes(Instant::now(), &data)
+        };
+        // Also after an error: the handshake may have queued an Abort for the remote.
+        let flushed = write_all_hs(&mut hs, stream).await;
+        match result {
+            Ok(Progress::Pending) => flushed?,
+            Ok(Progress::Established(est)) => {
+                flushed?;
+                return Ok(*est);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// One mesh TCP connection, from the handshake to its end.
+async fn connection(
+    id: u64,
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    outbound: bool,
+    ctx: Arc<ConnCtx>,
+) {
+    let _ = stream.set_nodelay(true);
+    let est = match handshake(&mut stream, outbound, &ctx).await {
+        Ok(est) => est,
+        Err(e) => {
+            tracing::warn!(
+                "{}[{addr}]: connection shutting down due to error during handshake: {e}",
+                arrow(outbound)
+            );
+            if outbound {
+                let _ = ctx
+                    .to_mesh
+                    .send(ToMesh::AttemptFailed {
+                        addr,
+                        error: e.to_string(),
+                        permanent: e.permanent(),
+                    })
+                    .await;
+            }
+            return;
+        }
+    };
+    let remote = est.remote.clone();
+    let who = format!(
+        "{}[{addr}|{}({})]",
+        arrow(outbound),
+        remote.name,
+        remote.nickname
+    );
+    let mut conn = match Conn::new(&est, ConnConfig::default(), Instant::now(), OsRng) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("{who}: connection shutting down due to error: {e}");
+            return;
+        }
+    };
+    let (tx, mut rx) = mpsc::channel(TO_CONN_QUEUE);
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let reg = Registration {
+        id,
+        remote: remote.clone(),
+        addr,
+        outbound,
+        conn_uid: est.conn_uid,
+        encrypted: est.encrypted,
+        udp_encrypted: est.udp_encrypted(),
+        keys: est.keys.as_ref().map(|k| UdpKeys {
+            epoch: k.epoch,
+            send: k.udp_send,
+            recv: k.udp_recv,
+        }),
+        tx,
+        reply: reply_tx,
+    };
+    if ctx
+        .to_mesh
+        .send(ToMesh::Register(Box::new(reg)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    match reply_rx.await {
+        Ok(Ok(())) => tracing::info!("{who}: connection added"),
+        Ok(Err(reason)) => {
+            tracing::warn!("{who}: connection shutting down due to error: {reason}");
+            return;
+        }
+        Err(_) => return,
+    }
+    let error = drive(&mut conn, &mut stream, &mut rx, id, remote.name, &ctx).await;
+    match &error {
+        Some(e) => tracing::warn!("{who}: connection shutting down due to error: {e}"),
+        None => tracing::info!("{who}: connection closed"),
+    }
+    let _ = ctx
+        .to_mesh
+        .send(ToMesh::Closed {
+            id,
+            remote: remote.name,
+            error,
+        })
+        .await;
+}
+
+/// The established connection's loop; returns the error that ended it (`None`: closed by us).
+async fn drive(
+    conn: &mut Conn<OsRng>,
+    stream: &mut TcpStream,
+    rx: &mut mpsc::Receiver<ToConn>,
+    id: u64,
+    remote: PeerName,
+    ctx: &ConnCtx,
+) -> Option<String> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // Events first: Conn::new may already have some from leftover bytes.
+        while let Some(ev) = conn.poll_event() {
+            let msg = match ev {
+                ConnEvent::Message(Message::Heartbeat) => continue,
+                ConnEvent::Message(Message::Unknown(tag)) => {
+                    tracing::debug!(tag, %remote, "ignoring message with unknown tag");
+                    continue;
+                }
+                ConnEvent::Message(msg) => ToMesh::Received {
+                    id,
+                    from: remote,
+                    msg,
+                },
+                ConnEvent::NewUdpKeys(keys) => ToMesh::UdpKeys { id, remote, keys },
+            };
+            if ctx.to_mesh.send(msg).await.is_err() {
+                return Some("router shutting down".into());
+            }
+        }
+        while let Some(bytes) = conn.poll_transmit() {
+            if let Err(e) = stream.write_all(&bytes).await {
+                return Some(e.to_string());
+            }
+        }
+        let deadline = tokio::time::Instant::from_std(conn.poll_timeout());
+        tokio::select! {
+            r = stream.read(&mut buf) => match r {
+                Ok(0) => return Some(ConnFailure::Eof.to_string()),
+                Ok(n) => {
+                    if let Err(e) = conn.on_bytes(Instant::now(), buf.get(..n).unwrap_or_default()) {
+                        return Some(e.to_string());
+                    }
+                }
+                Err(e) => return Some(e.to_string()),
+            },
+            cmd = rx.recv() => match cmd {
+                Some(ToConn::Send(msg)) => {
+                    if let Err(e) = conn.send(&msg) {
+                        return Some(e.to_string());
+                    }
+                }
+                Some(ToConn::Close(reason)) => return Some(reason),
+                None => return None,
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                if let Err(e) = conn.handle_timeout(Instant::now()) {
+                    return Some(e.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// A connection registered with the mesh task.
+struct Live {
+    id: u64,
+    tx: mpsc::Sender<ToConn>,
+    addr: SocketAddr,
+    outbound: bool,
+    conn_uid: u64,
+    encrypted: bool,
+    udp_encrypted: bool,
+    nickname: String,
+    established: bool,
+}
+
+/// The mesh task's state.
+struct Mesh {
+    config: MeshConfig,
+    ctx: Arc<ConnCtx>,
+    gossip: GossipChannel<Topology>,
+    routes: Routes,
+    maker: ConnectionMaker,
+    conns: BTreeMap<PeerName, Live>,
+    surrogate: SurrogateFilter,
+    terminations: u64,
+    status: watch::Sender<StatusSnapshot>,
+    events: mpsc::Sender<MeshEvent>,
+}
+
+impl Mesh {
+    fn new(
+        config: MeshConfig,
+        ctx: Arc<ConnCtx>,
+        status: watch::Sender<StatusSnapshot>,
+        events: mpsc::Sender<MeshEvent>,
+        initial: Vec<DirectPeer>,
+    ) -> Self {
+        let now = Instant::now();
+        let me = Peer {
+            name: config.name,
+            nickname: config.nickname.clone(),
+            uid: PeerUid(config.uid),
+            version: 0,
+        };
+        let mut topo = Topology::new(&me);
+        topo.set_local_short_id((config.uid >> 52) as u16);
+        let routes = Routes::compute(&topo);
+        let mut maker = ConnectionMaker::new(
+            ConnMakerConfig {
+                port: config.port,
+                discovery: config.discovery,
+                conn_limit: config.conn_limit,
+            },
+            config.name,
+        );
+        maker.connect(now, initial, false);
+        Mesh {
+            ctx,
+            gossip: GossipChannel::new(TOPOLOGY_CHANNEL, topo, now),
+            routes,
+            maker,
+            conns: BTreeMap::new(),
+            surrogate: SurrogateFilter::default(),
+            terminations: 0,
+            status,
+            events,
+            config,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut from_conns: mpsc::Receiver<ToMesh>,
+        mut commands: mpsc::Receiver<MeshCommand>,
+    ) {
+        loop {
+            self.after_event();
+            let wake = match self.maker.poll_timeout() {
+                Some(t) => t.min(self.gossip.poll_timeout()),
+                None => self.gossip.poll_timeout(),
+            };
+            tokio::select! {
+                Some(m) = from_conns.recv() => self.on_conn(m),
+                Some(c) = commands.recv() => self.on_command(c),
+                () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
+            }
+        }
+    }
+
+    fn me(&self) -> PeerName {
+        self.config.name
+    }
+
+    /// Timers, topology changes, dials and the status, after every event.
+    fn after_event(&mut self) {
+        let now = Instant::now();
+        let changes = self.gossip.data_mut().take_changes();
+        if !changes.is_empty() {
+            let keep: BTreeSet<PeerName> = self.conns.keys().copied().collect();
+            for gone in self.gossip.data_mut().gc(&keep) {
+                tracing::info!("Removed unreachable peer {}({})", gone.name, gone.nickname);
+            }
+            self.routes = Routes::compute(self.gossip.data());
+        }
+        for action in self.gossip.handle_timeout(now) {
+            let crate::mesh::gossip::GossipAction::Gossip { payload, exclude } = action;
+            let msg = self.gossip.message(self.me(), payload);
+            self.spread(&msg, exclude);
+        }
+        for addr in self.maker.tick(now, self.gossip.data()) {
+            self.dial(addr);
+        }
+        self.publish();
+    }
+
+    fn dial(&self, addr: SocketAddr) {
+        let ctx = self.ctx.clone();
+        tracing::debug!(%addr, "dialling");
+        tokio::spawn(async move {
+            let error = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    connection(next_id(), stream, addr, true, ctx).await;
+                    return;
+                }
+                Ok(Err(e)) => format!("dial tcp4 {addr}: {e}"),
+                Err(_) => format!("dial tcp4 {addr}: i/o timeout"),
+            };
+            tracing::warn!("->[{addr}]: connection shutting down due to error: {error}");
+            let _ = ctx
+                .to_mesh
+                .send(ToMesh::AttemptFailed {
+                    addr,
+                    error,
+                    permanent: false,
+                })
+                .await;
+        });
+    }
+
+    /// Send to random neighbours (spec §3.4).
+    fn spread(&mut self, msg: &Message, exclude: Option<PeerName>) {
+        let weights: BTreeMap<PeerName, u32> =
+            self.routes.neighbour_weights().into_iter().collect();
+        let candidates: Vec<(PeerName, u32)> = self
+            .conns
+            .keys()
+            .map(|n| (*n, weights.get(n).copied().unwrap_or(1)))
+            .collect();
+        let count = gossip_fanout(self.gossip.data().len(), candidates.len());
+        for n in choose_neighbours(&candidates, count, exclude, &mut OsRng) {
+            self.send_to(n, msg.clone());
+        }
+    }
+
+    fn send_to(&self, to: PeerName, msg: Message) {
+        if let Some(live) = self.conns.get(&to) {
+            if live.tx.try_send(ToConn::Send(msg)).is_err() {
+                tracing::debug!(peer = %to, "connection queue full: message dropped");
+            }
+        }
+    }
+
+    fn emit(&self, ev: MeshEvent) {
+        if self.events.try_send(ev).is_err() {
+            tracing::debug!("mesh event queue full or closed: event dropped");
+        }
+    }
+
+    fn on_command(&mut self, cmd: MeshCommand) {
+        let now = Instant::now();
+        match cmd {
+            MeshCommand::Connect { peers, replace } => self.maker.connect(now, peers, replace),
+            MeshCommand::Forget { peers } => self.maker.forget(&peers),
+            MeshCommand::SendOverlay { to, index, body } => {
+                self.send_to(to, Message::OverlayControl { index, body });
+            }
+        }
+    }
+
+    fn on_conn(&mut self, m: ToMesh) {
+        let now = Instant::now();
+        match m {
+            ToMesh::AttemptFailed {
+                addr,
+                error,
+                permanent,
+            } => self
+                .maker
+                .on_attempt_failed(now, addr, error, permanent, &mut OsRng),
+            ToMesh::Register(reg) => self.register(now, *reg),
+            ToMesh::UdpKeys { id, remote, keys } => {
+                if self.conns.get(&remote).is_some_and(|l| l.id == id) {
+                    self.emit(MeshEvent::UdpRekey { remote, keys });
+                }
+            }
+            ToMesh::Received { id, from, msg } => {
+                if self.conns.get(&from).is_some_and(|l| l.id == id) {
+                    self.on_message(now, from, msg);
+                }
+            }
+            ToMesh::Closed { id, remote, error } => {
+                if self.conns.get(&remote).is_some_and(|l| l.id == id) {
+                    self.remove(now, remote, error);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, now: Instant, remote: PeerName, error: Option<String>) {
+        self.conns.remove(&remote);
+        self.terminations += 1;
+        if self.gossip.data_mut().remove_local_conn(remote) {
+            self.gossip.notify_changed(now);
+        }
+        self.maker
+            .on_disconnected(now, remote, error, false, &mut OsRng);
+        self.emit(MeshEvent::ConnectionDown { remote });
+    }
+
+    fn register(&mut self, now: Instant, reg: Registration) {
+        let name = reg.remote.name;
+        let reject = |mesh: &mut Mesh, reg: Registration, reason: String| {
+            if reg.outbound {
+                mesh.maker
+                    .on_attempt_failed(now, reg.addr, reason.clone(), false, &mut OsRng);
+            }
+            let _ = reg.reply.send(Err(reason));
+        };
+        if let Some(existing) = self.conns.get(&name) {
+            let dup = format!(
+                "Multiple connections to {}({}) added to {}({})",
+                name, reg.remote.nickname, self.config.name, self.config.nickname
+            );
+            match resolve_duplicate(existing.conn_uid, reg.conn_uid) {
+                DuplicateResolution::KeepExisting => return reject(self, reg, dup),
+                DuplicateResolution::KeepNew => {
+                    let _ = existing.tx.try_send(ToConn::Close(dup.clone()));
+                    self.remove(now, name, Some(dup));
+                }
+                DuplicateResolution::DropBoth => {
+                    let _ = existing.tx.try_send(ToConn::Close(dup.clone()));
+                    self.remove(now, name, Some(dup.clone()));
+                    return reject(self, reg, dup);
+                }
+            }
+        }
+        if !self.maker.under_limit() {
+            let reason = format!("Connection limit reached ({})", self.config.conn_limit);
+            return reject(self, reg, reason);
+        }
+        let topo = self.gossip.data_mut();
+        topo.add_local_conn(ConnSummary {
+            remote: name,
+            addr: reg.addr.to_string(),
+            outbound: reg.outbound,
+            established: false,
+        });
+        // No sleeve yet: the connection counts as established as soon as it is added. The
+        // sleeve shell will mark it on its forwarder's Established event instead.
+        topo.set_local_established(name);
+        self.gossip.notify_changed(now);
+        self.maker.on_connected(name, reg.addr, reg.outbound);
+        self.maker.on_established(name);
+        let full = self.gossip.full_state_message(self.me());
+        let _ = reg.tx.try_send(ToConn::Send(full));
+        self.conns.insert(
+            name,
+            Live {
+                id: reg.id,
+                tx: reg.tx,
+                addr: reg.addr,
+                outbound: reg.outbound,
+                conn_uid: reg.conn_uid,
+                encrypted: reg.encrypted,
+                udp_encrypted: reg.udp_encrypted,
+                nickname: reg.remote.nickname.clone(),
+                established: true,
+            },
+        );
+        self.emit(MeshEvent::ConnectionUp {
+            remote: name,
+            nickname: reg.remote.nickname.clone(),
+            addr: reg.addr,
+            outbound: reg.outbound,
+            conn_uid: reg.conn_uid,
+            udp_encrypted: reg.udp_encrypted,
+            keys: reg.keys,
+        });
+        let _ = reg.reply.send(Ok(()));
+    }
+
+    fn on_message(&mut self, now: Instant, from: PeerName, msg: Message) {
+        match msg {
+            Message::Gossip {
+                channel, payload, ..
+            } if channel == TOPOLOGY_CHANNEL => match self.gossip.on_gossip(now, from, &payload) {
+                Ok(Some(crate::mesh::gossip::GossipAction::Gossip { payload, exclude })) => {
+                    let msg = self.gossip.message(self.me(), payload);
+                    self.spread(&msg, exclude);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%from, error = %e, "bad topology gossip"),
+            },
+            Message::Gossip {
+                channel, payload, ..
+            } => {
+                // A channel we do not run: relay it (surrogate, spec §3.1).
+                if self.surrogate.should_relay(now, &channel, &payload) {
+                    let msg = Message::Gossip {
+                        channel,
+                        src: self.me(),
+                        payload,
+                    };
+                    self.spread(&msg, Some(from));
+                }
+            }
+            Message::GossipUnicast { dst, .. } if dst == self.me() => {
+                tracing::debug!(%from, "unicast gossip for a channel we do not run");
+            }
+            msg @ Message::GossipUnicast { dst, .. } => {
+                if let Some(hop) = self.routes.next_hop_gossip(dst) {
+                    self.send_to(hop, msg);
+                }
+            }
+            msg @ Message::GossipBroadcast { src, .. } => {
+                let hops: Vec<PeerName> = self
+                    .routes
+                    .broadcast(self.gossip.data(), src, LinkFilter::All)
+                    .to_vec();
+                for hop in hops {
+                    self.send_to(hop, msg.clone());
+                }
+            }
+            Message::OverlayControl { index, body } => {
+                self.emit(MeshEvent::OverlayControl { from, index, body });
+            }
+            Message::Heartbeat | Message::Unknown(_) => {}
+        }
+    }
+
+    /// Publish the router part of the status.
+    fn publish(&mut self) {
+        let connections = self.connection_statuses();
+        let peers = peer_statuses(self.gossip.data());
+        let unicast_routes = self
+            .routes
+            .unicast
+            .iter()
+            .map(|(dest, via)| UnicastRoute {
+                dest: dest.to_string(),
+                via: via.to_string(),
+            })
+            .collect();
+        let mut sources: Vec<PeerName> = self.routes.unicast.keys().copied().collect();
+        sources.insert(0, self.me());
+        let broadcast_routes = sources
+            .into_iter()
+            .map(|src| BroadcastRoute {
+                source: src.to_string(),
+                via: self
+                    .routes
+                    .broadcast(self.gossip.data(), src, LinkFilter::EstablishedSymmetric)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            })
+            .collect();
+        let targets = self.maker.direct_peers(false);
+        let encryption = self.config.encrypted();
+        let discovery = self.config.discovery;
+        let terminations = self.terminations;
+        self.status.send_if_modified(|s| {
+            let r = &mut s.router;
+            let before = (
+                r.encryption,
+                r.peer_discovery,
+                r.peers.clone(),
+                r.connections.clone(),
+                r.targets.clone(),
+                r.termination_count,
+            );
+            r.protocol_min_version = crate::mesh::handshake::PROTOCOL_MIN_VERSION;
+            r.protocol_max_version = crate::mesh::handshake::PROTOCOL_MAX_VERSION;
+            r.encryption = encryption;
+            r.peer_discovery = discovery;
+            r.peers = peers;
+            r.unicast_routes = unicast_routes;
+            r.broadcast_routes = broadcast_routes;
+            r.connections = connections;
+            r.targets = targets;
+            r.termination_count = terminations;
+            before
+                != (
+                    r.encryption,
+                    r.peer_discovery,
+                    r.peers.clone(),
+                    r.connections.clone(),
+                    r.targets.clone(),
+                    r.termination_count,
+                )
+        });
+    }
+
+    fn connection_statuses(&self) -> Vec<ConnectionStatus> {
+        let password = self.config.encrypted();
+        let mut out: Vec<ConnectionStatus> = self
+            .conns
+            .iter()
+            .map(|(name, l)| live_status(*name, l, password))
+            .collect();
+        let live_addrs: BTreeSet<SocketAddr> = self.conns.values().map(|l| l.addr).collect();
+        let wall = SystemTime::now();
+        let now = Instant::now();
+        for t in self.maker.targets() {
+            if live_addrs.contains(&t.addr) {
+                continue;
+            }
+            let (state, info) = match (&t.state, &t.last_error) {
+                (TargetState::Attempting, Some(e)) => (ConnectionState::Retrying, e.clone()),
+                (TargetState::Attempting, None) => (ConnectionState::Connecting, String::new()),
+                (TargetState::Waiting, Some(e)) => {
+                    let at = wall + t.next_try.saturating_duration_since(now);
+                    (
+                        ConnectionState::Failed,
+                        format!("{e}, retry: {}", go_time(at)),
+                    )
+                }
+                (TargetState::Waiting, None) => (ConnectionState::Connecting, String::new()),
+                (TargetState::Never, e) => (ConnectionState::Failed, e.clone().unwrap_or_default()),
+                (TargetState::Suspended | TargetState::Connected { .. }, _) => continue,
+            };
+            out.push(ConnectionStatus {
+                address: t.addr.to_string(),
+                outbound: true,
+                state,
+                info,
+                attrs: None,
+            });
+        }
+        out
+    }
+}
+
+/// `weave status connections` for a live connection (spec §6.2).
+fn live_status(name: PeerName, l: &Live, password: bool) -> ConnectionStatus {
+    let mut info = String::new();
+    if password {
+        let enc = if l.encrypted {
+            "encrypted"
+        } else {
+            "unencrypted"
+        };
+        let _ = write!(info, "{enc:<11} ");
+    }
+    let _ = write!(info, "{OVERLAY:<6} {name}({})", l.nickname);
+    let mut attrs = BTreeMap::from([("name".to_string(), json!(OVERLAY))]);
+    if l.udp_encrypted {
+        attrs.insert("encrypted".to_string(), Value::Bool(true));
+    }
+    ConnectionStatus {
+        address: l.addr.to_string(),
+        outbound: l.outbound,
+        state: if l.established {
+            ConnectionState::Established
+        } else {
+            ConnectionState::Pending
+        },
+        info,
+        attrs: Some(attrs),
+    }
+}
+
+/// Every known peer (ourselves first), with its gossiped connections.
+fn peer_statuses(topo: &Topology) -> Vec<PeerStatus> {
+    let nick = |n: PeerName| topo.get(n).map(|p| p.nickname.clone()).unwrap_or_default();
+    let mut out: Vec<PeerStatus> = topo
+        .peers()
+        .filter(|p| p.uid.0 != 0)
+        .map(|p| PeerStatus {
+            name: p.name.to_string(),
+            nickname: p.nickname.clone(),
+            uid: p.uid.0,
+            short_id: p.short_id.unwrap_or(0),
+            version: p.version,
+            connections: p
+                .conns
+                .iter()
+                .map(|c| PeerConnection {
+                    name: c.remote.to_string(),
+                    nickname: nick(c.remote),
+                    address: c.addr.clone(),
+                    outbound: c.outbound,
+                    established: c.established,
+                })
+                .collect(),
+        })
+        .collect();
+    let me = topo.me().to_string();
+    if let Some(i) = out.iter().position(|p| p.name == me) {
+        let mine = out.remove(i);
+        out.insert(0, mine);
+    }
+    out
+}
+
+/// Go's `time.Time.String()` for UTC: `2015-08-06 18:55:38 +0000 UTC`.
+fn go_time(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} +0000 UTC",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day) (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_time_format() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_438_887_338);
+        assert_eq!(go_time(t), "2015-08-06 18:55:38 +0000 UTC");
+        assert_eq!(go_time(UNIX_EPOCH), "1970-01-01 00:00:00 +0000 UTC");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(go_time(leap), "2000-02-29 00:00:00 +0000 UTC");
+    }
+
+    #[test]
+    fn accept_pacing() {
+        let start = Instant::now();
+        let mut tat = start;
+        // The burst passes without waiting.
+        for _ in 0..ACCEPT_BURST {
+            let (next, wait) = pace(tat, start, ACCEPT_INTERVAL, ACCEPT_BURST);
+            assert!(wait.is_zero());
+            tat = next;
+        }
+        // Then one per interval.
+        let (next, wait) = pace(tat, start, ACCEPT_INTERVAL, ACCEPT_BURST);
+        assert_eq!(wait, ACCEPT_INTERVAL);
+        // Time passing refills.
+        let later = start + ACCEPT_INTERVAL * 30;
+        let (_, wait) = pace(next, later, ACCEPT_INTERVAL, ACCEPT_BURST);
+        assert!(wait.is_zero());
+    }
+
+    fn live(encrypted: bool) -> Live {
+        let (tx, _rx) = mpsc::channel(1);
+        Live {
+            id: 1,
+            tx,
+            addr: "192.168.48.11:6783".parse().expect("addr"),
+            outbound: true,
+            conn_uid: 5,
+            encrypted,
+            udp_encrypted: encrypted,
+            nickname: "host1".into(),
+            established: true,
+        }
+    }
+
+    #[test]
+    fn live_connection_lines() {
+        let name: PeerName = "7e:21:4a:70:2f:45".parse().expect("name");
+        let s = live_status(name, &live(true), true);
+        assert_eq!(s.info, "encrypted   sleeve 7e:21:4a:70:2f:45(host1)");
+        assert_eq!(s.state, ConnectionState::Established);
+        let s = live_status(name, &live(false), false);
+        assert_eq!(s.info, "sleeve 7e:21:4a:70:2f:45(host1)");
+        let snap = StatusSnapshot {
+            ready: true,
+            version: "x".into(),
+            router: crate::status::RouterStatus {
+                connections: vec![live_status(name, &live(true), true)],
+                ..crate::status::RouterStatus::alone("8a:3e:3e:3e:3e:3e", "me", 6783, 1, 1)
+            },
+            proxy: None,
+        };
+        assert_eq!(
+            crate::status::render_connections(&snap),
+            "-> 192.168.48.11:6783    established encrypted   sleeve 7e:21:4a:70:2f:45(host1) encrypted=true\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn resolve_peer_strings() {
+        let ok = resolve_peers(&["127.0.0.1".into(), "127.0.0.1:7000".into()], 6783)
+            .await
+            .expect("resolves");
+        assert_eq!(ok[0].addr, "127.0.0.1:6783".parse().expect("addr"));
+        assert!(!ok[0].port_given);
+        assert_eq!(ok[1].addr, "127.0.0.1:7000".parse().expect("addr"));
+        assert!(ok[1].port_given);
+        let err = resolve_peers(&["bad host".into()], 6783)
+            .await
+            .expect_err("invalid");
+        assert_eq!(
+            err,
+            vec!["invalid peer name \"bad host\", should be host[:port]"]
+        );
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port")
+    }
+
+    fn mesh_config(n: u64, port: u16, password: &str, peers: Vec<String>) -> MeshConfig {
+        MeshConfig {
+            name: PeerName::from_u64(n),
+            nickname: format!("node{n}"),
+            uid: n * 1000 + 7,
+            port,
+            password: Some(password.to_string()),
+            peers,
+            discovery: true,
+            conn_limit: 10,
+            kdf: KdfParams::INSECURE_FAST,
+        }
+    }
+
+    fn snapshot(n: u64, port: u16) -> StatusSnapshot {
+        StatusSnapshot {
+            ready: true,
+            version: "test".into(),
+            router: crate::status::RouterStatus::alone(
+                &PeerName::from_u64(n).to_string(),
+                &format!("node{n}"),
+                port,
+                n * 1000 + 7,
+                0,
+            ),
+            proxy: None,
+        }
+    }
+
+    async fn wait_for(
+        rx: &mut watch::Receiver<StatusSnapshot>,
+        what: &str,
+        cond: impl Fn(&StatusSnapshot) -> bool,
+    ) {
+        let waited = tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|s| cond(s)))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        assert!(waited, "{what}: {:#?}", rx.borrow().router);
+    }
+
+    /// Two real meshes over loopback TCP: handshake, registration, gossip and status; then a
+    /// third with the wrong password is refused with its reason.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn meshes_on_loopback() {
+        let (pa, pb, pc) = (free_port(), free_port(), free_port());
+        let (tx_a, mut rx_a) = watch::channel(snapshot(1, pa));
+        let (tx_b, mut rx_b) = watch::channel(snapshot(2, pb));
+        let mut a = start(mesh_config(1, pa, "pw", vec![]), tx_a)
+            .await
+            .expect("mesh a");
+        let b = start(
+            mesh_config(2, pb, "pw", vec![format!("127.0.0.1:{pa}")]),
+            tx_b,
+        )
+        .await
+        .expect("mesh b");
+        let connected = |s: &StatusSnapshot| {
+            s.router.peers.len() == 2
+                && s.router.peers.iter().all(|p| p.connections.len() == 1)
+                && s.router.connections.len() == 1
+                && s.router.connections[0].state == ConnectionState::Established
+        };
+        wait_for(&mut rx_a, "a connected", connected).await;
+        wait_for(&mut rx_b, "b connected", connected).await;
+        let b_conn = rx_b.borrow().router.connections[0].clone();
+        assert!(b_conn.outbound);
+        assert_eq!(b_conn.address, format!("127.0.0.1:{pa}"));
+        assert!(b_conn
+            .info
+            .starts_with("encrypted   sleeve 00:00:00:00:00:01(node1)"));
+        assert!(rx_b.borrow().router.encryption);
+        assert_eq!(
+            rx_b.borrow().router.targets,
+            vec![format!("127.0.0.1:{pa}")]
+        );
+        match a.events.recv().await {
+            Some(MeshEvent::ConnectionUp {
+                remote,
+                outbound,
+                keys,
+                udp_encrypted,
+                ..
+            }) => {
+                assert_eq!(remote, PeerName::from_u64(2));
+                assert!(!outbound && udp_encrypted);
+                assert_eq!(keys.map(|k| k.epoch), Some(0));
+            }
+            other => panic!("expected ConnectionUp, got {other:?}"),
+        }
+
+        // Wrong password: refused, with the reason on the dialler's target.
+        let (tx_c, mut rx_c) = watch::channel(snapshot(3, pc));
+        let c = start(
+            mesh_config(3, pc, "wrong", vec![format!("127.0.0.1:{pa}")]),
+            tx_c,
+        )
+        .await
+        .expect("mesh c");
+        wait_for(&mut rx_c, "c sees the password mismatch", |s| {
+            s.router
+                .connections
+                .iter()
+                .any(|c| c.state == ConnectionState::Failed && c.info.contains("password mismatch"))
+        })
+        .await;
+        assert_eq!(rx_c.borrow().router.peers.len(), 1);
+
+        // Forget, then connect --replace.
+        b.handle
+            .forget(&[format!("127.0.0.1:{pa}")])
+            .await
+            .expect("forget");
+        wait_for(&mut rx_b, "b forgot a", |s| s.router.targets.is_empty()).await;
+        assert_eq!(rx_b.borrow().router.connections.len(), 1, "connection kept");
+        b.handle
+            .connect(&[format!("127.0.0.1:{pc}")], true)
+            .await
+            .expect("connect");
+        wait_for(&mut rx_b, "b targets c", |s| {
+            s.router.targets == vec![format!("127.0.0.1:{pc}")]
+        })
+        .await;
+        let bad = b.handle.connect(&["bad host".into()], false).await;
+        assert!(matches!(bad, Err(MeshError::InvalidPeers(_))));
+        for m in [&a, &b, &c] {
+            m.abort();
+        }
+    }
+}
