@@ -22,6 +22,7 @@ pub mod mac_cache;
 pub mod mesh;
 pub mod mesh_shell;
 pub mod sleeve;
+pub mod sleeve_shell;
 pub mod status;
 
 use std::collections::hash_map::RandomState;

@@ -1,0 +1,735 @@
+//! The sleeve data plane shell (spec router §4): one task owns the UDP socket (port 6783), the
+//! capture receiver and injector on `vethwe-pcap`, the MAC cache, the route table and one
+//! [`Forwarder`] per connected peer. The mesh feeds it [`DataPlaneCommand`]s; it publishes
+//! [`DataPlaneStatus`] snapshots on a `watch` channel.
+//!
+//! Per loop turn the task handles one input — a command, a batch of captured frames (at most
+//! [`BATCH`]), a batch of received datagrams (at most [`BATCH`]), or the timer — then drains the
+//! transmits of every forwarder it touched and re-arms one sleep at the earliest forwarder
+//! deadline. Back-pressure: a forwarder whose queue is full is flushed to the socket (awaiting
+//! the send) before more frames are queued; the capture thread drops (and counts) frames when
+//! this task falls behind.
+//!
+//! Sending: one socket for everything. Datagrams on the DF path go out with
+//! `IP_PMTUDISC_DO`, the others with `IP_PMTUDISC_DONT` (the mode is switched only when it
+//! changes); an EMSGSIZE on the DF path reads the kernel's path MTU and feeds
+//! [`Forwarder::note_path_mtu`].
+//!
+//! Not done yet: ICMP "fragmentation needed" synthesis and in-router IPv4 fragmentation
+//! (spec §4.8) — frames over the DF path's limit that carry IPv4 DF are dropped and counted
+//! (`frame_too_big`); other oversized frames go on the kernel-fragmented path.
+
+mod sys;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::capture::{Capture, CaptureConfig, CaptureError, CaptureStats, Injector};
+use crate::mac_cache::{
+    decide_captured, decide_received, flood_targets, CaptureDecision, Discard, Learned, MacCache,
+    Owner, ReceiveDecision,
+};
+use crate::mesh::routes::{self, LinkFilter};
+use crate::mesh::topology::Topology;
+use crate::sleeve::codec::{Frame, Header};
+use crate::sleeve::forwarder::ForwarderStats;
+use crate::sleeve::{
+    DropCounters, DropReason, Forwarder, ForwarderConfig, ForwarderEvent, PeerName, Received,
+    SessionKeys,
+};
+
+/// Most captured frames or received datagrams handled per loop turn.
+pub const BATCH: usize = 64;
+/// Receive buffer: the largest UDP payload.
+const RX_BUF: usize = 65536;
+/// How often status snapshots are refreshed (counters) when nothing else changed.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// MAC cache sweep interval (spec §4.4).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// When no forwarder has a deadline, the timer still wakes this often.
+const IDLE_TIMER: Duration = Duration::from_secs(3600);
+
+/// What the mesh tells the data plane.
+#[derive(Debug, Clone)]
+pub enum DataPlaneCommand {
+    /// A connection to `name` is up: create (or replace) its forwarder. `remote`: the peer's
+    /// UDP address when known (the dialler's side: the TCP address); the listener learns it from
+    /// the first valid heartbeat. `udp_keys`: `None` = plaintext (trusted subnets / no password).
+    PeerUp {
+        name: PeerName,
+        conn_uid: u64,
+        remote: Option<SocketAddr>,
+        udp_keys: Option<SessionKeys>,
+    },
+    /// The connection to `name` is gone: drop its forwarder.
+    PeerDown { name: PeerName },
+    /// New UDP keys for `name` (rekey / password rotation).
+    Rekey { name: PeerName, keys: SessionKeys },
+    /// New routes (after a topology change).
+    Routes(RouteTable),
+}
+
+/// Data-plane routes: the unicast next hop per destination peer and our broadcast fan-out per
+/// source peer (a direct peer is its own next hop).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteTable {
+    pub unicast: HashMap<PeerName, PeerName>,
+    /// Our broadcast next hops for frames originating at each source peer (including us).
+    pub broadcast: HashMap<PeerName, Vec<PeerName>>,
+}
+
+impl RouteTable {
+    /// Routes for data frames over established, symmetric links of `topo` (spec §3.6).
+    pub fn compute(topo: &Topology) -> Self {
+        let me = topo.me();
+        let unicast: HashMap<PeerName, PeerName> =
+            routes::unicast(topo, me, LinkFilter::EstablishedSymmetric)
+                .into_iter()
+                .collect();
+        let broadcast = unicast
+            .keys()
+            .copied()
+            .chain(std::iter::once(me))
+            .map(|source| {
+                (
+                    source,
+                    routes::broadcast(topo, me, source, LinkFilter::EstablishedSymmetric),
+                )
+            })
+            .collect();
+        RouteTable { unicast, broadcast }
+    }
+}
+
+/// Settings of [`run_data_plane`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataPlaneConfig {
+    pub me: PeerName,
+    /// Normally 0.0.0.0:6783.
+    pub udp_bind: SocketAddr,
+    /// Normally `vethwe-pcap`.
+    pub capture_iface: String,
+    /// Upper bound of PMTU discovery, as an overlay MTU (65535: discover from the path).
+    pub mtu: u16,
+    pub capture: CaptureConfig,
+}
+
+impl DataPlaneConfig {
+    pub fn new(me: PeerName, udp_bind: SocketAddr) -> Self {
+        DataPlaneConfig {
+            me,
+            udp_bind,
+            capture_iface: crate::bridge::CAPTURE_IFNAME.to_string(),
+            mtu: u16::MAX,
+            capture: CaptureConfig::default(),
+        }
+    }
+}
+
+/// Drops decided by the shell itself (the forwarders count theirs in [`PeerStatus::drops`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ShellDrops {
+    /// Datagrams whose header did not parse (garbage on the port), by reason.
+    #[serde(skip)]
+    pub bad_header: DropCounters,
+    /// Datagrams with a valid header from a peer we have no forwarder for.
+    pub unknown_sender: u64,
+    /// Frames naming a source or destination peer we do not know.
+    pub unknown_peer: u64,
+    /// Frames for a destination without a route (or whose next hop has no forwarder).
+    pub no_route: u64,
+    /// Frames over the path MTU that we cannot fragment (ICMP synthesis: not yet).
+    pub frame_too_big: u64,
+    /// Captured frames whose source MAC lives at a remote peer (likely our own injection).
+    pub source_is_remote: u64,
+    /// Frames shorter than an Ethernet header.
+    pub malformed: u64,
+    /// Frames the forwarder refused (queue full, no address yet, closed...).
+    pub forwarder_refused: u64,
+    pub inject_failed: u64,
+    pub send_failed: u64,
+    pub recv_failed: u64,
+}
+
+impl ShellDrops {
+    pub fn bad_header_total(&self) -> u64 {
+        self.bad_header.total()
+    }
+}
+
+/// One peer connection as the data plane sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub conn_uid: u64,
+    pub remote: Option<SocketAddr>,
+    /// UDP works both ways.
+    pub established: bool,
+    pub encrypted: bool,
+    /// Effective overlay MTU on the DF path.
+    pub mtu: u16,
+    pub pmtu_verified: bool,
+    /// Kernel fragmentation of our datagrams reaches the peer.
+    pub stack_frag: bool,
+    /// No heartbeat for 60 s: the forwarder closed; the mesh should drop the connection.
+    pub timed_out: bool,
+    pub stats: ForwarderStats,
+    pub drops: DropCounters,
+}
+
+/// Snapshot published after changes and about once a second.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataPlaneStatus {
+    pub peers: BTreeMap<PeerName, PeerStatus>,
+    pub capture: CaptureStats,
+    pub drops: ShellDrops,
+    pub captured_frames: u64,
+    pub injected_frames: u64,
+    pub received_datagrams: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error("cannot bind the sleeve UDP socket {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set up the sleeve UDP socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error("the capture on {0} ended")]
+    CaptureEnded(String),
+}
+
+struct Peer {
+    conn_uid: u64,
+    fwd: Forwarder<SocketAddr>,
+    timed_out: bool,
+}
+
+/// The state owned by the data-plane task.
+struct Plane {
+    me: PeerName,
+    max_mtu: u16,
+    udp: UdpSocket,
+    /// Current `IP_MTU_DISCOVER` mode of `udp` (true = DF).
+    df_mode: bool,
+    injector: Injector,
+    macs: MacCache<PeerName>,
+    routes: RouteTable,
+    peers: HashMap<PeerName, Peer>,
+    /// Forwarders touched since the last flush.
+    dirty: HashSet<PeerName>,
+    /// Scratch list for draining `dirty` without allocating.
+    flushing: Vec<PeerName>,
+    tx: Vec<u8>,
+    hops: Vec<PeerName>,
+    drops: ShellDrops,
+    captured_frames: u64,
+    injected_frames: u64,
+    received_datagrams: u64,
+    status_changed: bool,
+}
+
+fn std_now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// Run the sleeve until `shutdown` resolves or the command channel closes. Opens the capture on
+/// `config.capture_iface` and binds `config.udp_bind`, in the calling thread's network namespace.
+pub async fn run_data_plane(
+    config: DataPlaneConfig,
+    mut commands: mpsc::Receiver<DataPlaneCommand>,
+    status: watch::Sender<DataPlaneStatus>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DataPlaneError> {
+    let std_socket =
+        std::net::UdpSocket::bind(config.udp_bind).map_err(|source| DataPlaneError::Bind {
+            addr: config.udp_bind,
+            source,
+        })?;
+    std_socket
+        .set_nonblocking(true)
+        .map_err(DataPlaneError::Socket)?;
+    sys::set_df(&std_socket, true).map_err(DataPlaneError::Socket)?;
+    let udp = UdpSocket::from_std(std_socket).map_err(DataPlaneError::Socket)?;
+    let (mut capture, injector) = Capture::open(&config.capture_iface, config.capture)?;
+    tracing::info!(me = %config.me, udp = %config.udp_bind, iface = %config.capture_iface, "sleeve data plane started");
+
+    let mut plane = Plane {
+        me: config.me,
+        max_mtu: config.mtu,
+        udp,
+        df_mode: true,
+        injector,
+        macs: MacCache::default(),
+        routes: RouteTable::default(),
+        peers: HashMap::new(),
+        dirty: HashSet::new(),
+        flushing: Vec::new(),
+        tx: Vec::with_capacity(RX_BUF),
+        hops: Vec::new(),
+        drops: ShellDrops::default(),
+        captured_frames: 0,
+        injected_frames: 0,
+        received_datagrams: 0,
+        status_changed: true,
+    };
+    let mut rx = vec![0u8; RX_BUF];
+    let mut frames: Vec<Bytes> = Vec::with_capacity(BATCH);
+    let timer = tokio::time::sleep(IDLE_TIMER);
+    tokio::pin!(timer);
+    tokio::pin!(shutdown);
+    let mut status_tick = tokio::time::interval(STATUS_EVERY);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_sweep = Instant::now() + SWEEP_EVERY;
+
+    let result = loop {
+        tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            cmd = commands.recv() => match cmd {
+                Some(cmd) => plane.on_command(cmd),
+                None => break Ok(()),
+            },
+            n = capture.recv_many(&mut frames, BATCH) => {
+                if n == 0 {
+                    break Err(DataPlaneError::CaptureEnded(config.capture_iface.clone()));
+                }
+                for frame in frames.drain(..) {
+                    plane.on_captured(&frame).await;
+                }
+            },
+            r = plane.udp.recv_from(&mut rx) => {
+                plane.on_recv_result(r, &mut rx).await;
+                for _ in 1..BATCH {
+                    match plane.udp.try_recv_from(&mut rx) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        r => plane.on_recv_result(r, &mut rx).await,
+                    }
+                }
+            },
+            () = &mut timer => plane.on_timer(),
+            _ = status_tick.tick() => {
+                plane.status_changed = true;
+                let now = Instant::now();
+                if now >= next_sweep {
+                    let gone = plane.macs.sweep(now.into_std());
+                    tracing::debug!(gone, "MAC cache swept");
+                    next_sweep = now + SWEEP_EVERY;
+                }
+            },
+        }
+        plane.flush_dirty().await;
+        let deadline = plane
+            .next_deadline()
+            .unwrap_or_else(|| Instant::now() + IDLE_TIMER);
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        if plane.status_changed {
+            plane.status_changed = false;
+            status.send_replace(plane.snapshot(capture.stats()));
+        }
+    };
+    status.send_replace(plane.snapshot(capture.stats()));
+    capture.close();
+    tracing::info!("sleeve data plane stopped");
+    result
+}
+
+/// Does `frame` carry IPv4 with the DF bit set?
+fn ipv4_df(frame: &[u8]) -> bool {
+    frame.get(12..14) == Some(&[0x08, 0x00]) && frame.get(20).is_some_and(|b| b & 0x40 != 0)
+}
+
+impl Plane {
+    fn snapshot(&self, capture: CaptureStats) -> DataPlaneStatus {
+        let peers = self
+            .peers
+            .iter()
+            .map(|(name, p)| {
+                (
+                    *name,
+                    PeerStatus {
+                        conn_uid: p.conn_uid,
+                        remote: p.fwd.remote_addr().copied(),
+                        established: p.fwd.is_established(),
+                        encrypted: p.fwd.is_encrypted(),
+                        mtu: p.fwd.effective_mtu(),
+                        pmtu_verified: p.fwd.pmtu_verified(),
+                        stack_frag: p.fwd.stack_frag(),
+                        timed_out: p.timed_out,
+                        stats: p.fwd.stats().clone(),
+                        drops: p.fwd.drops().clone(),
+                    },
+                )
+            })
+            .collect();
+        DataPlaneStatus {
+            peers,
+            capture,
+            drops: self.drops.clone(),
+            captured_frames: self.captured_frames,
+            injected_frames: self.injected_frames,
+            received_datagrams: self.received_datagrams,
+        }
+    }
+
+    fn on_command(&mut self, cmd: DataPlaneCommand) {
+        let now = std_now();
+        self.status_changed = true;
+        match cmd {
+            DataPlaneCommand::PeerUp {
+                name,
+                conn_uid,
+                remote,
+                udp_keys,
+            } => {
+                let mut cfg = ForwarderConfig::new(self.me, name, conn_uid);
+                cfg.max_mtu = self.max_mtu;
+                cfg.queue_capacity = BATCH;
+                let encrypted = udp_keys.is_some();
+                let fwd = Forwarder::new(now, cfg, udp_keys, remote);
+                tracing::info!(peer = %name, ?remote, encrypted, "sleeve: forwarder up");
+                self.peers.insert(
+                    name,
+                    Peer {
+                        conn_uid,
+                        fwd,
+                        timed_out: false,
+                    },
+                );
+                self.dirty.insert(name);
+            }
+            DataPlaneCommand::PeerDown { name } => {
+                if self.peers.remove(&name).is_some() {
+                    tracing::info!(peer = %name, "sleeve: forwarder down");
+                }
+                self.dirty.remove(&name);
+            }
+            DataPlaneCommand::Rekey { name, keys } => {
+                if let Some(p) = self.peers.get_mut(&name) {
+                    p.fwd.rekey(now, keys);
+                    self.dirty.insert(name);
+                }
+            }
+            DataPlaneCommand::Routes(routes) => self.routes = routes,
+        }
+    }
+
+    fn on_timer(&mut self) {
+        let now = std_now();
+        for (name, p) in &mut self.peers {
+            if p.fwd.poll_timeout().is_some_and(|t| t <= now) {
+                p.fwd.handle_timeout(now);
+                self.dirty.insert(*name);
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.peers
+            .values()
+            .filter_map(|p| p.fwd.poll_timeout())
+            .min()
+            .map(Instant::from_std)
+    }
+
+    fn known(&self, peer: PeerName) -> bool {
+        peer == self.me || self.routes.unicast.contains_key(&peer) || self.peers.contains_key(&peer)
+    }
+
+    async fn on_captured(&mut self, frame: &[u8]) {
+        self.captured_frames += 1;
+        let now = std_now();
+        match decide_captured(&mut self.macs, now, frame) {
+            CaptureDecision::Discard(Discard::SourceIsRemote) => {
+                self.drops.source_is_remote += 1;
+                tracing::debug!("captured a frame whose source MAC lives at a remote peer");
+            }
+            CaptureDecision::Discard(Discard::Malformed) => self.drops.malformed += 1,
+            CaptureDecision::Discard(Discard::Stp | Discard::LocalDestination) => {}
+            CaptureDecision::Unicast(dst) => match self.routes.unicast.get(&dst).copied() {
+                Some(hop) => self.forward(hop, self.me, dst, frame).await,
+                None => self.drops.no_route += 1,
+            },
+            CaptureDecision::Broadcast => {
+                let mut hops = std::mem::take(&mut self.hops);
+                hops.clear();
+                if let Some(tree) = self.routes.broadcast.get(&self.me) {
+                    hops.extend(flood_targets(tree, self.me, None));
+                }
+                for hop in &hops {
+                    self.forward(*hop, self.me, *hop, frame).await;
+                }
+                self.hops = hops;
+            }
+        }
+    }
+
+    async fn on_recv_result(&mut self, r: io::Result<(usize, SocketAddr)>, rx: &mut [u8]) {
+        match r {
+            Ok((n, from)) => {
+                if let Some(datagram) = rx.get_mut(..n) {
+                    self.on_datagram(from, datagram).await;
+                }
+            }
+            Err(e) => {
+                self.drops.recv_failed += 1;
+                tracing::debug!(error = %e, "sleeve: UDP receive failed");
+            }
+        }
+    }
+
+    async fn on_datagram(&mut self, from: SocketAddr, datagram: &mut [u8]) {
+        self.received_datagrams += 1;
+        let now = std_now();
+        let header = match Header::parse(datagram) {
+            Ok(h) => h,
+            Err(e) => {
+                self.drops.bad_header.record(DropReason::from(e));
+                return;
+            }
+        };
+        let sender = header.sender;
+        let Some(peer) = self.peers.get_mut(&sender) else {
+            self.drops.unknown_sender += 1;
+            return;
+        };
+        self.dirty.insert(sender);
+        let received = peer.fwd.handle_datagram(now, from, datagram);
+        if let Ok(Received::Frames(frames)) = received {
+            for frame in frames {
+                self.on_received_frame(sender, frame).await;
+            }
+        }
+    }
+
+    async fn on_received_frame(&mut self, arrived_from: PeerName, f: Frame<'_>) {
+        if !self.known(f.src) || !self.known(f.dst) {
+            self.drops.unknown_peer += 1;
+            return;
+        }
+        if f.src == self.me {
+            tracing::debug!(from = %arrived_from, "sleeve: received a frame we captured (loop)");
+        }
+        let now = std_now();
+        match decide_received(&mut self.macs, now, self.me, f.src, f.dst, f.data) {
+            ReceiveDecision::Relay(dst) => match self.routes.unicast.get(&dst).copied() {
+                Some(hop) => self.forward(hop, f.src, dst, f.data).await,
+                None => self.drops.no_route += 1,
+            },
+            ReceiveDecision::Malformed => self.drops.malformed += 1,
+            ReceiveDecision::Inject { flood, learned } => {
+                match learned {
+                    Learned::New => tracing::debug!(peer = %f.src, "Discovered remote MAC"),
+                    Learned::Moved { from } => {
+                        let was = match from {
+                            Owner::Local => "local".to_string(),
+                            Owner::Peer(p) => p.to_string(),
+                        };
+                        tracing::info!(peer = %f.src, %was, "Discovered remote MAC (moved)");
+                    }
+                    Learned::Refreshed | Learned::Conflict(_) | Learned::Ignored => {}
+                }
+                match self.injector.inject(f.data) {
+                    Ok(()) => self.injected_frames += 1,
+                    Err(e) => {
+                        self.drops.inject_failed += 1;
+                        tracing::debug!(error = %e, "sleeve: injection failed");
+                    }
+                }
+                if flood {
+                    let mut hops = std::mem::take(&mut self.hops);
+                    hops.clear();
+                    if let Some(tree) = self.routes.broadcast.get(&f.src) {
+                        hops.extend(flood_targets(tree, f.src, Some(arrived_from)));
+                    }
+                    for hop in &hops {
+                        self.forward(*hop, f.src, *hop, f.data).await;
+                    }
+                    self.hops = hops;
+                }
+            }
+        }
+    }
+
+    /// Queue `frame` (original source `src`, final destination `dst`) on the forwarder of
+    /// neighbour `hop`, flushing that forwarder first when its queue is full.
+    async fn forward(&mut self, hop: PeerName, src: PeerName, dst: PeerName, frame: &[u8]) {
+        let Some(peer) = self.peers.get_mut(&hop) else {
+            self.drops.no_route += 1;
+            return;
+        };
+        let df = if frame.len() <= peer.fwd.max_frame_len(true) {
+            true
+        } else if ipv4_df(frame) {
+            // Needs ICMP "fragmentation needed" (not yet).
+            self.drops.frame_too_big += 1;
+            return;
+        } else {
+            false
+        };
+        if peer.fwd.queued_frames() >= peer.fwd.config().queue_capacity {
+            self.flush(hop).await;
+        }
+        let Some(peer) = self.peers.get_mut(&hop) else {
+            return;
+        };
+        match peer.fwd.queue_frame(src, dst, frame, df) {
+            Ok(()) => {
+                self.dirty.insert(hop);
+            }
+            Err(reason) => {
+                self.drops.forwarder_refused += 1;
+                tracing::trace!(peer = %hop, reason = reason.as_str(), "sleeve: frame refused");
+            }
+        }
+    }
+
+    async fn flush_dirty(&mut self) {
+        let mut names = std::mem::take(&mut self.flushing);
+        names.clear();
+        names.extend(self.dirty.drain());
+        for name in &names {
+            self.flush(*name).await;
+        }
+        self.flushing = names;
+    }
+
+    /// Send everything `name`'s forwarder has to send, then take its events.
+    async fn flush(&mut self, name: PeerName) {
+        let now = std_now();
+        let Some(peer) = self.peers.get_mut(&name) else {
+            return;
+        };
+        while let Some(t) = peer.fwd.poll_transmit(now, &mut self.tx) {
+            let Some(bytes) = self.tx.get(..t.size) else {
+                continue;
+            };
+            if t.df != self.df_mode {
+                match sys::set_df(&self.udp, t.df) {
+                    Ok(()) => self.df_mode = t.df,
+                    Err(e) => tracing::warn!(error = %e, "sleeve: cannot switch DF mode"),
+                }
+            }
+            match self.udp.send_to(bytes, t.destination).await {
+                Ok(_) => {}
+                Err(e) if t.df && e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                    match sys::path_mtu(t.destination) {
+                        Ok(pmtu) => {
+                            tracing::debug!(peer = %name, pmtu, size = t.size, "sleeve: EMSGSIZE");
+                            peer.fwd.note_path_mtu(now, pmtu);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "sleeve: cannot read the path MTU"),
+                    }
+                }
+                Err(e) => {
+                    self.drops.send_failed += 1;
+                    tracing::debug!(peer = %name, error = %e, "sleeve: UDP send failed");
+                }
+            }
+        }
+        while let Some(event) = peer.fwd.poll_event() {
+            self.status_changed = true;
+            match event {
+                ForwarderEvent::Established => {
+                    tracing::info!(peer = %name, "sleeve: connection fully established");
+                }
+                ForwarderEvent::PmtuVerified(mtu) => {
+                    tracing::info!(peer = %name, mtu, "sleeve: effective MTU verified");
+                }
+                ForwarderEvent::HeartbeatTimedOut => {
+                    peer.timed_out = true;
+                    tracing::warn!(peer = %name, "sleeve: timed out waiting for UDP heartbeat");
+                }
+                ForwarderEvent::RemoteAddressChanged => {
+                    tracing::info!(peer = %name, remote = ?peer.fwd.remote_addr(), "sleeve: peer UDP address changed");
+                }
+                ForwarderEvent::StackFragmentation(ok) => {
+                    tracing::debug!(peer = %name, ok, "sleeve: fragmentation test");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::peer::{Peer, PeerUid};
+    use crate::mesh::topology::{ConnSummary, PeerEntry};
+
+    fn name(n: u64) -> PeerName {
+        PeerName::from_u64(n)
+    }
+
+    fn conn(to: u64, outbound: bool) -> ConnSummary {
+        ConnSummary {
+            remote: name(to),
+            addr: String::new(),
+            outbound,
+            established: true,
+        }
+    }
+
+    #[test]
+    fn route_table_for_a_line() {
+        // 1 (me) — 2 — 3
+        let mut topo = Topology::new(&Peer {
+            name: name(1),
+            nickname: "me".into(),
+            uid: PeerUid(1),
+            version: 0,
+        });
+        topo.merge(vec![
+            PeerEntry {
+                name: name(2),
+                nickname: String::new(),
+                uid: PeerUid(2),
+                version: 1,
+                short_id: None,
+                conns: vec![conn(1, false), conn(3, true)],
+            },
+            PeerEntry {
+                name: name(3),
+                nickname: String::new(),
+                uid: PeerUid(3),
+                version: 1,
+                short_id: None,
+                conns: vec![conn(2, false)],
+            },
+        ]);
+        topo.add_local_conn(conn(2, true));
+        let r = RouteTable::compute(&topo);
+        assert_eq!(r.unicast.get(&name(2)), Some(&name(2)));
+        assert_eq!(r.unicast.get(&name(3)), Some(&name(2)));
+        assert_eq!(r.broadcast.get(&name(1)), Some(&vec![name(2)]));
+        assert_eq!(r.broadcast.get(&name(3)), Some(&vec![]));
+    }
+
+    #[test]
+    fn ipv4_df_bit() {
+        let mut frame = vec![0u8; 34];
+        frame[12] = 0x08;
+        frame[14] = 0x45;
+        assert!(!ipv4_df(&frame));
+        frame[20] = 0x40;
+        assert!(ipv4_df(&frame));
+        frame[12] = 0x86;
+        frame[13] = 0xdd;
+        assert!(!ipv4_df(&frame));
+        assert!(!ipv4_df(&[0x08; 10]));
+    }
+}
