@@ -180,13 +180,27 @@ pub async fn run(
             port: config.port,
             source,
         })?;
-    // Until the sleeve shell consumes them, mesh events are only logged.
-    let mut events = std::mem::replace(&mut running.events, tokio::sync::mpsc::channel(1).1);
-    let drain = tokio::spawn(async move {
-        while let Some(ev) = events.recv().await {
-            tracing::debug!(event = ?ev, "mesh event");
+    // The data plane: captured frames go to peers over UDP, received ones are injected. The
+    // mesh tells it which peers are up, with which keys, and the routes.
+    let (dp_tx, dp_rx) = tokio::sync::mpsc::channel(256);
+    let (dp_status_tx, _dp_status) = watch::channel(sleeve_shell::DataPlaneStatus::default());
+    let data_plane_config = sleeve_shell::DataPlaneConfig::new(
+        mesh::peer::PeerName::from_bytes(mac.0),
+        SocketAddr::from(([0, 0, 0, 0], config.port)),
+    );
+    let (stop_data_plane, data_plane_stopped) = tokio::sync::oneshot::channel::<()>();
+    let data_plane = tokio::spawn(async move {
+        let stopped = async {
+            let _ = data_plane_stopped.await;
+        };
+        if let Err(e) =
+            sleeve_shell::run_data_plane(data_plane_config, dp_rx, dp_status_tx, stopped).await
+        {
+            tracing::error!(error = %e, "data plane stopped: containers cannot reach other hosts");
         }
     });
+    let events = std::mem::replace(&mut running.events, tokio::sync::mpsc::channel(1).1);
+    let translate = tokio::spawn(feed_data_plane(events, dp_tx, config.port));
     let (control, owner) = control::spawn(bridge);
     let state = api::ApiState {
         control,
@@ -195,7 +209,9 @@ pub async fn run(
     };
     api::serve(listener, state, shutdown).await;
     running.abort();
-    drain.abort();
+    translate.abort();
+    let _ = stop_data_plane.send(());
+    let _ = tokio::time::timeout(CONTROL_GRACE, data_plane).await;
     // Every handle is gone with the server, so the owner stops after the command in flight.
     let abort = owner.abort_handle();
     if tokio::time::timeout(CONTROL_GRACE, owner).await.is_err() {
@@ -203,6 +219,53 @@ pub async fn run(
     }
     tracing::info!("weave router stopped");
     Ok(())
+}
+
+/// Turns what the mesh reports into data-plane commands. The dialling side knows the peer's
+/// UDP address (its TCP address, mesh port); the listening side learns it from heartbeats.
+async fn feed_data_plane(
+    mut events: tokio::sync::mpsc::Receiver<mesh_shell::MeshEvent>,
+    data_plane: tokio::sync::mpsc::Sender<sleeve_shell::DataPlaneCommand>,
+    port: u16,
+) {
+    use mesh_shell::MeshEvent;
+    use sleeve_shell::DataPlaneCommand;
+    let udp_keys = |k: mesh::conn::UdpKeys| sleeve::SessionKeys {
+        epoch: k.epoch,
+        send: k.send,
+        recv: k.recv,
+    };
+    while let Some(event) = events.recv().await {
+        let command = match event {
+            MeshEvent::ConnectionUp {
+                remote,
+                addr,
+                outbound,
+                conn_uid,
+                udp_encrypted,
+                keys,
+                ..
+            } => DataPlaneCommand::PeerUp {
+                name: remote,
+                conn_uid,
+                remote: outbound.then(|| SocketAddr::new(addr.ip(), port)),
+                udp_keys: keys.filter(|_| udp_encrypted).map(udp_keys),
+            },
+            MeshEvent::UdpRekey { remote, keys } => DataPlaneCommand::Rekey {
+                name: remote,
+                keys: udp_keys(keys),
+            },
+            MeshEvent::ConnectionDown { remote } => DataPlaneCommand::PeerDown { name: remote },
+            MeshEvent::Routes(routes) => DataPlaneCommand::Routes(routes),
+            MeshEvent::OverlayControl { from, index, .. } => {
+                tracing::debug!(%from, index, "overlay control message ignored");
+                continue;
+            }
+        };
+        if data_plane.send(command).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Create (or reuse) the bridge `name` with `mtu` in the calling thread's network namespace and

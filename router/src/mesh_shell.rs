@@ -112,6 +112,8 @@ pub enum MeshEvent {
     UdpRekey { remote: PeerName, keys: UdpKeys },
     /// The connection to `remote` is gone: stop its forwarder.
     ConnectionDown { remote: PeerName },
+    /// The topology changed: data-plane routes over established, symmetric links.
+    Routes(crate::mesh::routes::RouteTable),
     /// An overlay control message from a neighbour.
     OverlayControl {
         from: PeerName,
@@ -729,6 +731,9 @@ impl Mesh {
                 tracing::info!("Removed unreachable peer {}({})", gone.name, gone.nickname);
             }
             self.routes = Routes::compute(self.gossip.data());
+            self.emit(MeshEvent::Routes(crate::mesh::routes::RouteTable::compute(
+                self.gossip.data(),
+            )));
         }
         for action in self.gossip.handle_timeout(now) {
             let crate::mesh::gossip::GossipAction::Gossip { payload, exclude } = action;

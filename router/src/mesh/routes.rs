@@ -159,6 +159,38 @@ impl Routes {
     }
 }
 
+/// Data-plane routes: the unicast next hop per destination peer and our broadcast fan-out per
+/// source peer (a direct peer is its own next hop).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteTable {
+    pub unicast: HashMap<PeerName, PeerName>,
+    /// Our broadcast next hops for frames originating at each source peer (including us).
+    pub broadcast: HashMap<PeerName, Vec<PeerName>>,
+}
+
+impl RouteTable {
+    /// Routes for data frames over established, symmetric links of `topo` (spec §3.6).
+    pub fn compute(topo: &Topology) -> Self {
+        let me = topo.me();
+        let unicast: HashMap<PeerName, PeerName> =
+            unicast(topo, me, LinkFilter::EstablishedSymmetric)
+                .into_iter()
+                .collect();
+        let broadcast = unicast
+            .keys()
+            .copied()
+            .chain(std::iter::once(me))
+            .map(|source| {
+                (
+                    source,
+                    broadcast(topo, me, source, LinkFilter::EstablishedSymmetric),
+                )
+            })
+            .collect();
+        RouteTable { unicast, broadcast }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

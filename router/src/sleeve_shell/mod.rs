@@ -38,8 +38,7 @@ use crate::mac_cache::{
     decide_captured, decide_received, flood_targets, CaptureDecision, Discard, Learned, MacCache,
     Owner, ReceiveDecision,
 };
-use crate::mesh::routes::{self, LinkFilter};
-use crate::mesh::topology::Topology;
+pub use crate::mesh::routes::RouteTable;
 use crate::sleeve::codec::{Frame, Header};
 use crate::sleeve::forwarder::ForwarderStats;
 use crate::sleeve::{
@@ -76,38 +75,6 @@ pub enum DataPlaneCommand {
     Rekey { name: PeerName, keys: SessionKeys },
     /// New routes (after a topology change).
     Routes(RouteTable),
-}
-
-/// Data-plane routes: the unicast next hop per destination peer and our broadcast fan-out per
-/// source peer (a direct peer is its own next hop).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RouteTable {
-    pub unicast: HashMap<PeerName, PeerName>,
-    /// Our broadcast next hops for frames originating at each source peer (including us).
-    pub broadcast: HashMap<PeerName, Vec<PeerName>>,
-}
-
-impl RouteTable {
-    /// Routes for data frames over established, symmetric links of `topo` (spec §3.6).
-    pub fn compute(topo: &Topology) -> Self {
-        let me = topo.me();
-        let unicast: HashMap<PeerName, PeerName> =
-            routes::unicast(topo, me, LinkFilter::EstablishedSymmetric)
-                .into_iter()
-                .collect();
-        let broadcast = unicast
-            .keys()
-            .copied()
-            .chain(std::iter::once(me))
-            .map(|source| {
-                (
-                    source,
-                    routes::broadcast(topo, me, source, LinkFilter::EstablishedSymmetric),
-                )
-            })
-            .collect();
-        RouteTable { unicast, broadcast }
-    }
 }
 
 /// Settings of [`run_data_plane`].
@@ -669,6 +636,7 @@ impl Plane {
 mod tests {
     use super::*;
     use crate::mesh::peer::{Peer, PeerUid};
+    use crate::mesh::topology::Topology;
     use crate::mesh::topology::{ConnSummary, PeerEntry};
 
     fn name(n: u64) -> PeerName {
