@@ -35,11 +35,6 @@ pub async fn run(args: LaunchArgs, router: &RouterClient) -> Result<()> {
     if router.get_text("/status").await.is_ok() {
         return Err(Exit::new(3, "Weave Net is already running").into());
     }
-    if !args.peers.is_empty() {
-        eprintln!(
-            "Note: peers connect and share their topology; container traffic between hosts (the sleeve) comes next."
-        );
-    }
     weave_router::create_bridge(BRIDGE, args.mtu)
         .await
         .context("creating the weave bridge")?;

@@ -129,46 +129,54 @@ fn demo() -> Result<()> {
                 },
             )?;
         }
-        step(6, "ping left from a second container on host 1, over weave", || {
-            let out = h1
-                .docker_proxy([
-                    "run", "--rm", "-e", "WEAVE_CIDR=10.35.1.3/24", "busybox", "ping", "-c1",
-                    "-W2", "10.35.1.1",
-                ])?
-                .ok()?;
-            show(&out);
-            Ok(())
-        })?;
-        // Cross-host traffic needs the router mesh and sleeve (the next milestone); until they
-        // land, the demo says so instead of failing. WEAVE_DEMO_CROSS_HOST=1 tries it anyway.
-        if std::env::var("WEAVE_DEMO_CROSS_HOST").is_ok_and(|v| v == "1") {
-            step(
-                7,
-                "ping left (on host 1) from right (on host 2) over weave",
-                || {
-                    let out = eventually(
-                        "the ping across hosts (needs the mesh connected)",
-                        patience(),
-                        || {
-                            h2.docker(["exec", "right", "ping", "-c1", "-W1", "10.35.1.1"])?
-                                .ok()
-                        },
-                    )?;
-                    show(&out);
-                    Ok(())
-                },
-            )?;
-        } else {
-            println!(
-                "[7] ping across hosts: skipped, cross-host networking (mesh + encrypted sleeve) is the next milestone"
-            );
-        }
-        step(8, "weave status on both hosts", || {
-            for host in [h1, h2] {
-                show(&host.weave(["status"])?.ok()?);
-            }
-            Ok(())
-        })
+        step(
+            6,
+            "ping left from a second container on host 1, over weave",
+            || {
+                let out = h1
+                    .docker_proxy([
+                        "run",
+                        "--rm",
+                        "-e",
+                        "WEAVE_CIDR=10.35.1.3/24",
+                        "busybox",
+                        "ping",
+                        "-c1",
+                        "-W2",
+                        "10.35.1.1",
+                    ])?
+                    .ok()?;
+                show(&out);
+                Ok(())
+            },
+        )?;
+        step(
+            7,
+            "ping left (on host 1) from right (on host 2), across hosts over the encrypted sleeve",
+            || {
+                let out = eventually(
+                    "the ping across hosts (the mesh connects first)",
+                    patience(),
+                    || {
+                        h2.docker(["exec", "right", "ping", "-c3", "-W1", "10.35.1.1"])?
+                            .ok()
+                    },
+                )?;
+                show(&out);
+                Ok(())
+            },
+        )?;
+        step(
+            8,
+            "weave status and status connections on both hosts",
+            || {
+                for host in [h1, h2] {
+                    show(&host.weave(["status"])?.ok()?);
+                    show(&host.weave(["status", "connections"])?.ok()?);
+                }
+                Ok(())
+            },
+        )
     });
     step(9, "tear everything down", || {
         drop(cluster);
