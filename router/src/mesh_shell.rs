@@ -1334,7 +1334,12 @@ mod tests {
             rx_b.borrow().router.targets,
             vec![format!("127.0.0.1:{pa}")]
         );
-        match a.events.recv().await {
+        // Route updates may come first; the connection itself must follow.
+        let mut event = a.events.recv().await;
+        while let Some(MeshEvent::Routes(_)) = event {
+            event = a.events.recv().await;
+        }
+        match event {
             Some(MeshEvent::ConnectionUp {
                 remote,
                 outbound,
