@@ -191,12 +191,23 @@ pub(super) async fn del_addr(
     }
 }
 
-pub(super) async fn set_up(h: &Handle, index: u32, iface: &str) -> Result<(), BridgeError> {
+/// Applies one link change; `what` names it in the error ("bring up", "set MTU of", ...).
+async fn change_link(
+    h: &Handle,
+    change: LinkMessage,
+    what: &'static str,
+    iface: &str,
+) -> Result<(), BridgeError> {
     h.link()
-        .set(LinkUnspec::new_with_index(index).up().build())
+        .set(change)
         .execute()
         .await
-        .map_err(|e| nl_error("bring up", iface, e))
+        .map_err(|e| nl_error(what, iface, e))
+}
+
+pub(super) async fn set_up(h: &Handle, index: u32, iface: &str) -> Result<(), BridgeError> {
+    let change = LinkUnspec::new_with_index(index).up().build();
+    change_link(h, change, "bring up", iface).await
 }
 
 pub(super) async fn set_mtu(
@@ -205,11 +216,8 @@ pub(super) async fn set_mtu(
     mtu: u32,
     iface: &str,
 ) -> Result<(), BridgeError> {
-    h.link()
-        .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
-        .execute()
-        .await
-        .map_err(|e| nl_error("set MTU of", iface, e))
+    let change = LinkUnspec::new_with_index(index).mtu(mtu).build();
+    change_link(h, change, "set MTU of", iface).await
 }
 
 pub(super) async fn set_mac(
@@ -218,15 +226,10 @@ pub(super) async fn set_mac(
     mac: MacAddr,
     iface: &str,
 ) -> Result<(), BridgeError> {
-    h.link()
-        .set(
-            LinkUnspec::new_with_index(index)
-                .address(mac.0.to_vec())
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(|e| nl_error("set MAC address of", iface, e))
+    let change = LinkUnspec::new_with_index(index)
+        .address(mac.0.to_vec())
+        .build();
+    change_link(h, change, "set MAC address of", iface).await
 }
 
 /// Enslave link `index` to bridge `bridge_index` and bring it up.
@@ -236,16 +239,11 @@ pub(super) async fn enslave_up(
     bridge_index: u32,
     iface: &str,
 ) -> Result<(), BridgeError> {
-    h.link()
-        .set(
-            LinkUnspec::new_with_index(index)
-                .controller(bridge_index)
-                .up()
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(|e| nl_error("attach to bridge", iface, e))
+    let change = LinkUnspec::new_with_index(index)
+        .controller(bridge_index)
+        .up()
+        .build();
+    change_link(h, change, "attach to bridge", iface).await
 }
 
 /// Turn hairpin mode (reflecting frames back out of the port they came in on) on or off.
