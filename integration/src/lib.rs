@@ -27,6 +27,7 @@ pub mod image;
 mod run;
 mod sys;
 mod wait;
+pub mod weave;
 
 pub use cluster::{underlay_addr, Cluster, Underlay, UNDERLAY_PREFIX};
 pub use exec::{default_timeout, Background, Cmd, Out};

@@ -14,42 +14,10 @@
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use weave_integration::weave::{launch, status, underlay as addr, wait_established};
 use weave_integration::{eventually, patience, Background, Cluster, Host, Out};
 
 const SLEEPER: [&str; 3] = ["busybox", "sleep", "100000"];
-
-fn addr(h: &Host) -> Result<String> {
-    Ok(h.underlay_addr()
-        .context("host is not on the underlay")?
-        .to_string())
-}
-
-fn launch(h: &Host, args: &[&str]) -> Result<()> {
-    let mut all = vec!["launch"];
-    all.extend(args);
-    h.weave(&all)?.ok()?;
-    Ok(())
-}
-
-fn status(h: &Host, sub: &str) -> Result<String> {
-    Ok(h.weave(["status", sub])?.ok()?.stdout)
-}
-
-/// Waits until `h` has an established connection with the host at `ip`; returns its line.
-fn wait_established(h: &Host, ip: &str) -> Result<String> {
-    eventually(
-        &format!("{} established with {ip}", h.name()),
-        patience(),
-        || {
-            let text = status(h, "connections")?;
-            let needle = format!(" {ip}:");
-            text.lines()
-                .find(|l| l.contains(&needle) && l.contains("established"))
-                .map(str::to_string)
-                .with_context(|| format!("no established connection with {ip}:\n{text}"))
-        },
-    )
-}
 
 /// A detached, long-running busybox container at `cidr`, started through the proxy of `h`.
 fn container(h: &Host, name: &str, cidr: &str) -> Result<()> {

@@ -1,0 +1,41 @@
+//! Steps the multi-host tests share: launching weave on a host and reading its mesh status.
+
+use anyhow::{Context, Result};
+
+use crate::{eventually, patience, Host};
+
+/// The host's underlay address, as a `weave launch` peer argument.
+pub fn underlay(h: &Host) -> Result<String> {
+    Ok(h.underlay_addr()
+        .context("host is not on the underlay")?
+        .to_string())
+}
+
+/// `weave launch <args>` on `h`; must succeed.
+pub fn launch(h: &Host, args: &[&str]) -> Result<()> {
+    let mut all = vec!["launch"];
+    all.extend(args);
+    h.weave(&all)?.ok()?;
+    Ok(())
+}
+
+/// `weave status <sub>` on `h`.
+pub fn status(h: &Host, sub: &str) -> Result<String> {
+    Ok(h.weave(["status", sub])?.ok()?.stdout)
+}
+
+/// Waits until `h` has an established connection with the host at `ip`; returns its line.
+pub fn wait_established(h: &Host, ip: &str) -> Result<String> {
+    eventually(
+        &format!("{} established with {ip}", h.name()),
+        patience(),
+        || {
+            let text = status(h, "connections")?;
+            let needle = format!(" {ip}:");
+            text.lines()
+                .find(|l| l.contains(&needle) && l.contains("established"))
+                .map(str::to_string)
+                .with_context(|| format!("no established connection with {ip}:\n{text}"))
+        },
+    )
+}
