@@ -1,0 +1,138 @@
+//! Benchmark (not a test): container-to-container throughput (iperf3 TCP) and ping RTT between
+//! two simulated hosts, for the underlay itself (the ceiling: the hosts' own veth link) and
+//! for weave's sleeve unencrypted and encrypted, each measured in the same run; prints the
+//! figures and the ratios to the ceiling. (Kernel VXLAN, the fastdp analogue, joins next.)
+//!
+//! Run as root: `WEAVE_BIN=target/release/weave target/release/bench-sleeve [seconds]`.
+//! iperf3 runs from the host's packages inside each container's network namespace.
+
+use anyhow::{anyhow, Context, Result};
+use weave_integration::weave::{launch, underlay, wait_established};
+use weave_integration::{eventually, patience, Cluster, Host};
+
+struct Figures {
+    gbits: f64,
+    rtt_ms: f64,
+}
+
+/// iperf3 from `client_ns` (a pid whose netns to use, or None for the host's own) on `client`
+/// to `server_ip`, where a one-shot server runs in `server_ns` on `server`.
+fn measure(
+    server: &Host,
+    server_ns: Option<&str>,
+    client: &Host,
+    client_ns: Option<&str>,
+    server_ip: &str,
+    seconds: u32,
+) -> Result<Figures> {
+    let in_ns = |ns: Option<&str>, cmd: &[&str]| -> Vec<String> {
+        let mut argv: Vec<String> = Vec::new();
+        if let Some(pid) = ns {
+            argv.extend(["nsenter", "-t", pid, "-n"].map(String::from));
+        }
+        argv.extend(cmd.iter().map(|s| s.to_string()));
+        argv
+    };
+    let server_argv = in_ns(server_ns, &["iperf3", "-s", "-1", "--forceflush"]);
+    let mut iperf_server = server
+        .cmd(&server_argv[0])
+        .args(&server_argv[1..])
+        .spawn()?;
+    iperf_server.wait_for_stdout("Server listening")?;
+    let secs = seconds.to_string();
+    let client_argv = in_ns(client_ns, &["iperf3", "-c", server_ip, "-t", &secs, "-J"]);
+    let out = client.run(&client_argv[0], &client_argv[1..])?.ok()?;
+    let report: serde_json::Value =
+        serde_json::from_str(&out.stdout).context("iperf3 -J output")?;
+    let bits = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| anyhow!("no throughput in iperf3's report"))?;
+    drop(iperf_server);
+    let ping_argv = in_ns(
+        client_ns,
+        &["ping", "-c", "20", "-i", "0.05", "-q", server_ip],
+    );
+    let ping = client.run(&ping_argv[0], &ping_argv[1..])?.ok()?;
+    // "rtt min/avg/max/mdev = 0.045/0.061/0.090/0.010 ms"
+    let rtt_ms = ping
+        .stdout
+        .lines()
+        .find_map(|l| l.split_once(" = ").map(|(_, v)| v.to_string()))
+        .and_then(|v| v.split('/').nth(1).and_then(|avg| avg.parse().ok()))
+        .ok_or_else(|| anyhow!("no RTT in ping's summary: {ping}"))?;
+    Ok(Figures {
+        gbits: bits / 1e9,
+        rtt_ms,
+    })
+}
+
+fn container_pid(h: &Host, name: &str) -> Result<String> {
+    Ok(h.docker(["inspect", "-f", "{{.State.Pid}}", name])?
+        .ok()?
+        .stdout_trim()
+        .to_string())
+}
+
+/// Weave on both hosts (with or without a password), one container on each; figures between
+/// the containers.
+fn weave_figures(password: Option<&str>, seconds: u32) -> Result<Figures> {
+    let cluster = Cluster::new(2)?;
+    let (h1, h2) = (cluster.host(0), cluster.host(1));
+    let (a1, a2) = (underlay(h1)?, underlay(h2)?);
+    let mut args: Vec<&str> = Vec::new();
+    if let Some(p) = password {
+        args.extend(["--password", p]);
+    }
+    launch(h1, &args)?;
+    let mut args2 = args.clone();
+    args2.push(&a1);
+    launch(h2, &args2)?;
+    wait_established(h1, &a2)?;
+    for (h, name, cidr) in [(h1, "srv", "10.35.1.1/24"), (h2, "cli", "10.35.1.2/24")] {
+        let env = format!("WEAVE_CIDR={cidr}");
+        h.docker_proxy([
+            "run", "-d", "--name", name, "-e", &env, "busybox", "sleep", "100000",
+        ])?
+        .ok()?;
+    }
+    eventually("the containers reach each other", patience(), || {
+        h2.docker(["exec", "cli", "ping", "-c1", "-W1", "10.35.1.1"])?
+            .ok()
+    })?;
+    let (srv, cli) = (container_pid(h1, "srv")?, container_pid(h2, "cli")?);
+    measure(h1, Some(&srv), h2, Some(&cli), "10.35.1.1", seconds)
+}
+
+fn main() -> Result<()> {
+    let seconds: u32 = match std::env::args().nth(1) {
+        Some(s) => s
+            .parse()
+            .context("the argument is the seconds per iperf3 run")?,
+        None => 5,
+    };
+    let ceiling = {
+        let cluster = Cluster::new(2)?;
+        let (h1, h2) = (cluster.host(0), cluster.host(1));
+        let a1 = underlay(h1)?;
+        measure(h1, None, h2, None, &a1, seconds)?
+    };
+    let plain = weave_figures(None, seconds)?;
+    let encrypted = weave_figures(Some("bench-password"), seconds)?;
+    println!(
+        "iperf3 TCP {seconds}s and ping RTT (avg of 20), container to container across two hosts"
+    );
+    for (label, f) in [
+        ("underlay veth (ceiling)", &ceiling),
+        ("weave sleeve, plain", &plain),
+        ("weave sleeve, encrypted", &encrypted),
+    ] {
+        println!(
+            "{label:>24}: {:>7.3} Gbit/s ({:>5.1}% of ceiling)  RTT {:>6.3} ms ({:.1}x ceiling)",
+            f.gbits,
+            100.0 * f.gbits / ceiling.gbits,
+            f.rtt_ms,
+            f.rtt_ms / ceiling.rtt_ms
+        );
+    }
+    Ok(())
+}
