@@ -263,9 +263,9 @@ impl Cmd {
         command
     }
 
-    /// Runs the command to completion. `Err` only when it cannot start or times out; a non-zero exit
-    /// is an `Ok(Out)` (use [`Out::ok`] / [`Out::fail`]).
-    pub fn run(self) -> Result<Out> {
+    /// Starts the child with piped output; stdin, if given, is fed from a thread so a command
+    /// that does not read it cannot block us.
+    fn start(self) -> Result<(std::process::Child, String)> {
         let cmdline = self.cmdline();
         let mut command = self.build();
         command
@@ -280,17 +280,24 @@ impl Cmd {
             .spawn()
             .with_context(|| format!("cannot start `{cmdline}`"))?;
         if let (Some(input), Some(mut pipe)) = (self.stdin, child.stdin.take()) {
-            // A thread, so a command that does not read its stdin cannot block us.
             std::thread::spawn(move || {
                 let _ = pipe.write_all(&input);
             });
         }
+        Ok((child, cmdline))
+    }
+
+    /// Runs the command to completion. `Err` only when it cannot start or times out; a non-zero exit
+    /// is an `Ok(Out)` (use [`Out::ok`] / [`Out::fail`]).
+    pub fn run(self) -> Result<Out> {
+        let timeout = self.timeout;
+        let (child, cmdline) = self.start()?;
         let pid = child.id();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(child.wait_with_output());
         });
-        let (output, timed_out) = match rx.recv_timeout(self.timeout) {
+        let (output, timed_out) = match rx.recv_timeout(timeout) {
             Ok(output) => (output, false),
             Err(_) => {
                 sys::signal_group(pid, Signal::SIGKILL);
@@ -298,7 +305,7 @@ impl Cmd {
                     Ok(output) => (output, true),
                     Err(_) => bail!(
                         "`{cmdline}` timed out after {:?} and did not die when killed",
-                        self.timeout
+                        timeout
                     ),
                 }
             }
@@ -311,7 +318,7 @@ impl Cmd {
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         };
         if timed_out {
-            bail!("timed out after {:?}: {out}", self.timeout);
+            bail!("timed out after {:?}: {out}", timeout);
         }
         Ok(out)
     }
@@ -323,24 +330,7 @@ impl Cmd {
 
     /// Starts the command and leaves it running; it is killed when the [`Background`] drops.
     pub fn spawn(self) -> Result<Background> {
-        let cmdline = self.cmdline();
-        let mut command = self.build();
-        command
-            .stdin(if self.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("cannot start `{cmdline}`"))?;
-        if let (Some(input), Some(mut pipe)) = (self.stdin, child.stdin.take()) {
-            std::thread::spawn(move || {
-                let _ = pipe.write_all(&input);
-            });
-        }
+        let (mut child, cmdline) = self.start()?;
         let stdout = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut readers = Vec::new();

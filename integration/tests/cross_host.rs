@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use weave_integration::weave::{launch, status, underlay as addr, wait_established};
+use weave_integration::weave::{launch, launch_pair, status, underlay as addr, wait_established};
 use weave_integration::{eventually, patience, Background, Cluster, Host, Out};
 
 const SLEEPER: [&str; 3] = ["busybox", "sleep", "100000"];
@@ -169,17 +169,7 @@ fn capture_across(password: Option<&str>) -> Result<Vec<u8>> {
     let mut captured = Vec::new();
     cluster.scenario(|c| {
         let (h1, h2) = (c.host(0), c.host(1));
-        let (a1, a2) = (addr(h1)?, addr(h2)?);
-        let mut args1: Vec<&str> = Vec::new();
-        if let Some(p) = password {
-            args1.extend(["--password", p]);
-        }
-        let mut args2 = args1.clone();
-        args2.push(&a1);
-        launch(h1, &args1)?;
-        launch(h2, &args2)?;
-        wait_established(h1, &a2)?;
-        wait_established(h2, &a1)?;
+        launch_pair(h1, h2, password)?;
         container(h1, "wire-left", "10.35.1.1/24")?;
         container(h2, "wire-right", "10.35.1.2/24")?;
         wait_ping(h2, "wire-right", "10.35.1.1")?;

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use weave_integration::weave::{launch, status, underlay as addr, wait_established};
+use weave_integration::weave::{launch, launch_pair, status, underlay as addr, wait_established};
 use weave_integration::{eventually, patience, Cluster, Host};
 
 /// `weave status`.
@@ -192,17 +192,7 @@ fn containers_talk_across(password: Option<&str>) -> Result<()> {
     let cluster = Cluster::new(2)?;
     cluster.scenario(|c| {
         let (h1, h2) = (c.host(0), c.host(1));
-        let (a1, a2) = (addr(h1)?, addr(h2)?);
-        let mut args1: Vec<&str> = Vec::new();
-        if let Some(p) = password {
-            args1.extend(["--password", p]);
-        }
-        let mut args2 = args1.clone();
-        args2.push(&a1);
-        launch(h1, &args1)?;
-        launch(h2, &args2)?;
-        wait_established(h1, &a2)?;
-        wait_established(h2, &a1)?;
+        launch_pair(h1, h2, password)?;
         h1.docker_proxy([
             "run",
             "-d",

@@ -7,7 +7,7 @@
 //! iperf3 runs from the host's packages inside each container's network namespace.
 
 use anyhow::{anyhow, Context, Result};
-use weave_integration::weave::{launch, underlay, wait_established};
+use weave_integration::weave::{launch_pair, underlay};
 use weave_integration::{eventually, patience, Cluster, Host};
 
 struct Figures {
@@ -78,16 +78,7 @@ fn container_pid(h: &Host, name: &str) -> Result<String> {
 fn weave_figures(password: Option<&str>, seconds: u32) -> Result<Figures> {
     let cluster = Cluster::new(2)?;
     let (h1, h2) = (cluster.host(0), cluster.host(1));
-    let (a1, a2) = (underlay(h1)?, underlay(h2)?);
-    let mut args: Vec<&str> = Vec::new();
-    if let Some(p) = password {
-        args.extend(["--password", p]);
-    }
-    launch(h1, &args)?;
-    let mut args2 = args.clone();
-    args2.push(&a1);
-    launch(h2, &args2)?;
-    wait_established(h1, &a2)?;
+    launch_pair(h1, h2, password)?;
     for (h, name, cidr) in [(h1, "srv", "10.35.1.1/24"), (h2, "cli", "10.35.1.2/24")] {
         let env = format!("WEAVE_CIDR={cidr}");
         h.docker_proxy([
