@@ -17,6 +17,8 @@ use crate::sys;
 
 /// The underlay's subnet prefix length; addresses are 192.0.2.(10+n).
 pub const UNDERLAY_PREFIX: u8 = 24;
+/// The name of each host's interface on the underlay.
+pub const UNDERLAY_IFACE: &str = "eth0";
 const UNDERLAY_BRIDGE: &str = "br0";
 
 /// The underlay address of host number `n` (1-based).
@@ -68,7 +70,8 @@ impl Underlay {
         self.attach_as(host, n)
     }
 
-    /// Plugs `host` in as host number `n` (1-based): 192.0.2.(10+n)/24 on its `eth0`.
+    /// Plugs `host` in as host number `n` (1-based): 192.0.2.(10+n)/24 on its `eth0`
+    /// ([`UNDERLAY_IFACE`]).
     pub fn attach_as(&self, host: &Host, n: u8) -> Result<Ipv4Addr> {
         let addr = underlay_addr(n)?;
         let port = format!("h{n}");
@@ -87,7 +90,7 @@ impl Underlay {
             "veth",
             "peer",
             "name",
-            "eth0",
+            UNDERLAY_IFACE,
             "netns",
             host.name(),
         ])
@@ -95,8 +98,8 @@ impl Underlay {
         ul(&["link", "set", &port, "master", UNDERLAY_BRIDGE, "up"])?;
         let cidr = format!("{addr}/{UNDERLAY_PREFIX}");
         for args in [
-            vec!["addr", "add", cidr.as_str(), "dev", "eth0"],
-            vec!["link", "set", "eth0", "up"],
+            vec!["addr", "add", cidr.as_str(), "dev", UNDERLAY_IFACE],
+            vec!["link", "set", UNDERLAY_IFACE, "up"],
         ] {
             host.run("ip", &args)?.ok()?;
         }

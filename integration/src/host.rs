@@ -59,7 +59,9 @@ const DOCKERD_STOP_GRACE: Duration = Duration::from_secs(15);
 /// (`target/<profile>/weave`), else `<workspace>/target/release/weave`.
 pub fn weave_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os(WEAVE_BIN_ENV).filter(|v| !v.is_empty()) {
-        return PathBuf::from(bin);
+        // Commands run from other directories (nsenter, docker): a relative path would break.
+        let bin = PathBuf::from(bin);
+        return std::path::absolute(&bin).unwrap_or(bin);
     }
     let beside = std::env::current_exe().ok().and_then(|exe| {
         // target/<profile>/deps/<test>-<hash> or target/<profile>/<bin>

@@ -29,7 +29,7 @@ mod sys;
 mod wait;
 pub mod weave;
 
-pub use cluster::{underlay_addr, Cluster, Underlay, UNDERLAY_PREFIX};
+pub use cluster::{underlay_addr, Cluster, Underlay, UNDERLAY_IFACE, UNDERLAY_PREFIX};
 pub use exec::{default_timeout, Background, Cmd, Out};
 pub use host::{
     docker_ping, weave_bin, DockerClient, Host, Via, DOCKER_SOCKET, PROXY_DOCKER_HOST,
