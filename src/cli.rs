@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use weave_router::addr::{parse_cidr_list, AddrError, Ipv4Cidr};
 
 pub const DEFAULT_PROXY_SOCKET: &str = "/var/run/weave/weave.sock";
 
@@ -124,10 +125,36 @@ pub struct LaunchArgs {
     /// Extra unix socket paths for the proxy (symlinked to /var/run/weave/weave.sock).
     #[arg(short = 'H')]
     pub listen: Vec<String>,
+    /// Only connect to the peers given, not to those learnt through gossip.
+    #[arg(long)]
+    pub no_discovery: bool,
+    /// Cap on mesh connections (0 = unlimited; default 200).
+    #[arg(long)]
+    pub conn_limit: Option<usize>,
+    /// Peers in these subnets (a/b,c/d) that trust us too get unencrypted UDP (TCP stays
+    /// encrypted).
+    #[arg(long, value_parser = parse_subnets)]
+    pub trusted_subnets: Option<Subnets>,
     #[command(flatten)]
     pub proxy_opts: ProxyOptions,
     /// Peers to connect to (`host[:port]`).
     pub peers: Vec<String>,
+}
+
+/// `--trusted-subnets a/b,c/d`, validated and normalised to networks (`10.1.2.3/8` →
+/// `10.0.0.0/8`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subnets(pub Vec<Ipv4Cidr>);
+
+impl std::fmt::Display for Subnets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let items: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&items.join(","))
+    }
+}
+
+fn parse_subnets(s: &str) -> Result<Subnets, AddrError> {
+    parse_cidr_list(s).map(Subnets)
 }
 
 /// Proxy behaviour flags shared by `weave launch` and the proxy daemon.
@@ -195,6 +222,9 @@ pub struct RouterArgs {
     /// Cap on mesh connections (0 = unlimited).
     #[arg(long, default_value_t = weave_router::DEFAULT_CONN_LIMIT)]
     pub conn_limit: usize,
+    /// Peers in these subnets (a/b,c/d) that trust us too get unencrypted UDP.
+    #[arg(long, value_parser = parse_subnets)]
+    pub trusted_subnets: Option<Subnets>,
     pub peers: Vec<String>,
 }
 
@@ -243,6 +273,35 @@ mod tests {
         assert!(matches!(
             parse(&["weave", "router", "--no-discovery", "--conn-limit", "5", "h1"]),
             Ok(Command::Router(RouterArgs { no_discovery: true, conn_limit: 5, port: 6783, ref peers, .. })) if peers == &["h1"]
+        ));
+        let launch = parse(&[
+            "weave",
+            "launch",
+            "--no-discovery",
+            "--conn-limit",
+            "7",
+            "--trusted-subnets",
+            "10.1.2.3/8,192.168.0.0/16",
+            "h1",
+        ]);
+        match launch {
+            Ok(Command::Launch(a)) => {
+                assert!(a.no_discovery);
+                assert_eq!(a.conn_limit, Some(7));
+                assert_eq!(
+                    a.trusted_subnets.map(|s| s.to_string()).as_deref(),
+                    Some("10.0.0.0/8,192.168.0.0/16")
+                );
+                assert_eq!(a.peers, ["h1"]);
+            }
+            other => panic!("launch with mesh flags: {other:?}"),
+        }
+        let bad = parse(&["weave", "launch", "--trusted-subnets", "10.0.0.0/8,nope"])
+            .expect_err("bad CIDR");
+        assert!(bad.to_string().contains("invalid CIDR \"nope\""), "{bad}");
+        assert!(matches!(
+            parse(&["weave", "router", "--trusted-subnets=192.0.2.0/24"]),
+            Ok(Command::Router(RouterArgs { trusted_subnets: Some(ref s), .. })) if s.to_string() == "192.0.2.0/24"
         ));
         assert!(matches!(
             parse(&["weave", "launch", "--proxy=false"]),

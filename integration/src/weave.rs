@@ -43,11 +43,18 @@ pub fn wait_established(h: &Host, ip: &str) -> Result<String> {
 /// `weave launch [--password P]` on `h1`, then on `h2` peering with `h1`; returns once each
 /// has an established connection with the other.
 pub fn launch_pair(h1: &Host, h2: &Host, password: Option<&str>) -> Result<()> {
-    let (a1, a2) = (underlay(h1)?, underlay(h2)?);
     let mut args: Vec<&str> = Vec::new();
     if let Some(p) = password {
         args.extend(["--password", p]);
     }
+    launch_pair_with(h1, h2, &args)
+}
+
+/// `weave launch <args>` on `h1`, then `weave launch <args> <h1>` on `h2`; returns once each
+/// has an established connection with the other.
+pub fn launch_pair_with(h1: &Host, h2: &Host, args: &[&str]) -> Result<()> {
+    let (a1, a2) = (underlay(h1)?, underlay(h2)?);
+    let mut args = args.to_vec();
     launch(h1, &args)?;
     args.push(&a1);
     launch(h2, &args)?;

@@ -14,7 +14,9 @@
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use weave_integration::weave::{launch, launch_pair, status, underlay as addr, wait_established};
+use weave_integration::weave::{
+    launch, launch_pair_with, status, underlay as addr, wait_established,
+};
 use weave_integration::{eventually, patience, Background, Cluster, Host, Out};
 
 const SLEEPER: [&str; 3] = ["busybox", "sleep", "100000"];
@@ -163,13 +165,14 @@ const PING_PATTERN: [u8; 128] = [0xde; 128];
 const TCP_MARKER: &str = "weave-wire-marker-q7zx";
 
 /// Captures the whole underlay of h1 (its `eth0`) while h2's container pings h1's with a payload
-/// pattern and reads a marker string over TCP from it. Returns the capture's bytes.
-fn capture_across(password: Option<&str>) -> Result<Vec<u8>> {
+/// pattern and reads a marker string over TCP from it; both hosts launched with `launch_args`.
+/// Returns the capture's bytes.
+fn capture_across(launch_args: &[&str]) -> Result<Vec<u8>> {
     let cluster = Cluster::new(2)?;
     let mut captured = Vec::new();
     cluster.scenario(|c| {
         let (h1, h2) = (c.host(0), c.host(1));
-        launch_pair(h1, h2, password)?;
+        launch_pair_with(h1, h2, launch_args)?;
         container(h1, "wire-left", "10.35.1.1/24")?;
         container(h2, "wire-right", "10.35.1.2/24")?;
         wait_ping(h2, "wire-right", "10.35.1.1")?;
@@ -258,7 +261,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn password_hides_container_traffic_on_the_wire() -> Result<()> {
-    let captured = capture_across(Some("s3cret"))?;
+    let captured = capture_across(&["--password", "s3cret"])?;
     ensure!(
         !contains(&captured, &PING_PATTERN),
         "the ping payload pattern must not be visible on the underlay with a password"
@@ -273,7 +276,7 @@ fn password_hides_container_traffic_on_the_wire() -> Result<()> {
 #[test]
 fn without_password_container_traffic_is_visible_on_the_wire() -> Result<()> {
     // The control of the test above: the same check finds the payloads when nothing encrypts.
-    let captured = capture_across(None)?;
+    let captured = capture_across(&[])?;
     ensure!(
         contains(&captured, &PING_PATTERN),
         "the ping payload pattern must be visible on the underlay without a password"
@@ -422,4 +425,20 @@ fn subnets_stay_isolated_across_hosts() -> Result<()> {
         }
         Ok(())
     })
+}
+
+#[test]
+fn trusted_subnets_leave_container_traffic_visible_on_the_wire() -> Result<()> {
+    // A password, but both hosts trust the underlay's subnet: the sleeve (UDP) goes in
+    // plaintext, as in Weave; only the mesh's TCP stays encrypted.
+    let captured = capture_across(&["--password", "s3cret", "--trusted-subnets", "192.0.2.0/24"])?;
+    ensure!(
+        contains(&captured, &PING_PATTERN),
+        "the ping payload pattern must be visible on the underlay between trusting peers"
+    );
+    ensure!(
+        contains(&captured, TCP_MARKER.as_bytes()),
+        "the TCP payload must be visible on the underlay between trusting peers"
+    );
+    Ok(())
 }

@@ -8,7 +8,10 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use weave_integration::weave::{launch, launch_pair, status, underlay as addr, wait_established};
+use serde_json::Value;
+use weave_integration::weave::{
+    launch, launch_pair, launch_pair_with, status, underlay as addr, wait_established,
+};
 use weave_integration::{eventually, patience, Cluster, Host};
 
 /// `weave status`.
@@ -22,6 +25,38 @@ fn peer_name(h: &Host) -> Result<String> {
         .ok()?
         .stdout_trim()
         .to_string())
+}
+
+/// `weave report`, parsed.
+fn report(h: &Host) -> Result<Value> {
+    let out = h.weave(["report"])?.ok()?;
+    serde_json::from_str(&out.stdout).with_context(|| format!("report is not JSON: {out}"))
+}
+
+/// The report's `Router.Connections` entry about `ip`.
+fn report_connection(h: &Host, ip: &str) -> Result<Value> {
+    let report = report(h)?;
+    let prefix = format!("{ip}:");
+    report["Router"]["Connections"]
+        .as_array()
+        .and_then(|conns| {
+            conns.iter().find(|c| {
+                c["Address"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with(&prefix))
+            })
+        })
+        .cloned()
+        .with_context(|| format!("no connection with {ip} in the report: {report:#}"))
+}
+
+/// What Weave's tests grep for (`encrypted *sleeve`): the word, blanks, the overlay name.
+fn says_encrypted_sleeve(line: &str) -> bool {
+    line.match_indices("encrypted").any(|(i, w)| {
+        let rest = &line[i + w.len()..];
+        let trimmed = rest.trim_start_matches(' ');
+        trimmed.len() < rest.len() && trimmed.starts_with("sleeve")
+    })
 }
 
 /// The `weave status connections` line about `ip` (either direction), if any.
@@ -47,6 +82,28 @@ fn two_hosts_connect_encrypted() -> Result<()> {
             ensure!(
                 line.contains("encrypted") && !line.contains("unencrypted"),
                 "the connection must be encrypted: {line}"
+            );
+            ensure!(says_encrypted_sleeve(&line), "encrypted *sleeve: {line}");
+            // The sleeve's attributes: UDP encrypted, and the forwarder's effective MTU.
+            ensure!(
+                line.contains(" encrypted=true mtu="),
+                "attributes encrypted=true mtu=N: {line}"
+            );
+            let conn = report_connection(h, other)?;
+            ensure!(
+                conn["Attrs"]["encrypted"] == true && conn["Attrs"]["mtu"].is_u64(),
+                "report attributes: {conn}"
+            );
+            let router = &report(h)?["Router"];
+            ensure!(
+                router["Interface"] == "vethwe-pcap (via pcap)",
+                "capture interface: {}",
+                router["Interface"]
+            );
+            ensure!(
+                router["CaptureStats"]["PacketsReceived"].is_u64(),
+                "capture stats: {}",
+                router["CaptureStats"]
             );
         }
         let (n1, n2) = (peer_name(h1)?, peer_name(h2)?);
@@ -264,4 +321,157 @@ fn containers_on_two_hosts_talk_encrypted() -> Result<()> {
 #[test]
 fn containers_on_two_hosts_talk_unencrypted() -> Result<()> {
     containers_talk_across(None)
+}
+
+/// `--trusted-subnets`: between two peers that trust each other's address, UDP goes in plaintext
+/// (TCP stays encrypted) and containers still talk; a third peer that trusts nobody gets
+/// encrypted UDP with both, though they trust it.
+#[test]
+fn trusted_subnets_leave_udp_unencrypted() -> Result<()> {
+    let cluster = Cluster::new(3)?;
+    cluster.scenario(|c| {
+        let (h1, h2, h3) = (c.host(0), c.host(1), c.host(2));
+        let (a1, a2, a3) = (addr(h1)?, addr(h2)?, addr(h3)?);
+        launch_pair_with(
+            h1,
+            h2,
+            &["--password", "s3cret", "--trusted-subnets", "192.0.2.0/24"],
+        )?;
+        for (h, other) in [(h1, &a2), (h2, &a1)] {
+            let line = wait_established(h, other)?;
+            ensure!(
+                line.contains(" unencrypted sleeve ") && line.contains(" encrypted=false mtu="),
+                "trusted both ways: plaintext UDP: {line}"
+            );
+            let conn = report_connection(h, other)?;
+            ensure!(conn["Attrs"]["encrypted"] == false, "report: {conn}");
+            let summary = summary(h)?;
+            ensure!(
+                summary.contains(" TrustedSubnets: 192.0.2.0/24\n")
+                    && summary.contains(" Encryption: enabled\n"),
+                "{summary}"
+            );
+            ensure!(
+                report(h)?["Router"]["TrustedSubnets"] == serde_json::json!(["192.0.2.0/24"]),
+                "report TrustedSubnets"
+            );
+        }
+        // The data path works in plaintext both ways.
+        for (h, name, cidr) in [
+            (h1, "trust-left", "10.35.1.1/24"),
+            (h2, "trust-right", "10.35.1.2/24"),
+        ] {
+            h.docker_proxy([
+                "run",
+                "-d",
+                "--name",
+                name,
+                "-e",
+                &format!("WEAVE_CIDR={cidr}"),
+                "busybox",
+                "sleep",
+                "100000",
+            ])?
+            .ok()?;
+        }
+        eventually(
+            "a ping between the trusting hosts' containers",
+            patience(),
+            || {
+                h2.docker(["exec", "trust-right", "ping", "-c1", "-W1", "10.35.1.1"])?
+                    .ok()
+            },
+        )?;
+        // h3 trusts nobody: encrypted UDP with both (it discovers h2 through h1).
+        launch(h3, &["--password", "s3cret", &a1])?;
+        for (h, other) in [(h3, &a1), (h3, &a2), (h1, &a3), (h2, &a3)] {
+            let line = wait_established(h, other)?;
+            ensure!(
+                says_encrypted_sleeve(&line)
+                    && !line.contains("unencrypted")
+                    && line.contains(" encrypted=true mtu="),
+                "trusted one way only: encrypted UDP: {line}"
+            );
+        }
+        ensure!(
+            summary(h3)?.contains(" TrustedSubnets: none\n"),
+            "h3 trusts nobody"
+        );
+        Ok(())
+    })
+}
+
+/// A bad CIDR in `--trusted-subnets` fails `weave launch` before anything starts.
+#[test]
+fn launch_refuses_a_bad_trusted_subnet() -> Result<()> {
+    let cluster = Cluster::new(1)?;
+    cluster.scenario(|c| {
+        let h = c.host(0);
+        let out = h
+            .weave(["launch", "--trusted-subnets", "10.0.0.0/8,10.1.0.0/40"])?
+            .fail()?;
+        ensure!(
+            out.combined().contains("invalid CIDR \"10.1.0.0/40\""),
+            "the bad CIDR named: {out}"
+        );
+        let ps = h.docker(["ps", "-a", "--format", "{{.Names}}"])?.ok()?;
+        ensure!(
+            !ps.stdout.lines().any(|n| n == "weave"),
+            "no router container: {ps}"
+        );
+        Ok(())
+    })
+}
+
+/// `--no-discovery`: h3, given only h2, never dials h1 (nor h1 h3), though gossip still tells
+/// everyone about everyone.
+#[test]
+fn no_discovery_dials_only_the_peers_given() -> Result<()> {
+    let cluster = Cluster::new(3)?;
+    cluster.scenario(|c| {
+        let (h1, h2, h3) = (c.host(0), c.host(1), c.host(2));
+        let (a1, a2, a3) = (addr(h1)?, addr(h2)?, addr(h3)?);
+        launch(h1, &["--no-discovery"])?;
+        launch(h2, &["--no-discovery", &a1])?;
+        launch(h3, &["--no-discovery", &a2])?;
+        wait_established(h2, &a1)?;
+        wait_established(h3, &a2)?;
+        for h in [h1, h3] {
+            eventually("three peers known through gossip", patience(), || {
+                let peers = status(h, "peers")?;
+                let top = peers.lines().filter(|l| !l.starts_with(' ')).count();
+                ensure!(top == 3, "three peers expected:\n{peers}");
+                Ok(())
+            })?;
+        }
+        // Discovery would have dialled by now (it acts on the first topology update).
+        std::thread::sleep(Duration::from_secs(5));
+        ensure!(
+            connection_to(h3, &a1)?.is_none(),
+            "h3 must not connect to h1: {}",
+            status(h3, "connections")?
+        );
+        ensure!(
+            connection_to(h1, &a3)?.is_none(),
+            "h1 must not connect to h3: {}",
+            status(h1, "connections")?
+        );
+        for h in [h1, h2, h3] {
+            let summary = summary(h)?;
+            ensure!(
+                summary.contains(" PeerDiscovery: disabled\n"),
+                "discovery off:\n{summary}"
+            );
+            ensure!(
+                report(h)?["Router"]["PeerDiscovery"] == false,
+                "report PeerDiscovery"
+            );
+        }
+        ensure!(
+            summary(h3)?.contains(" Connections: 1 (1 established)\n"),
+            "h3 has just its connection to h2:\n{}",
+            summary(h3)?
+        );
+        Ok(())
+    })
 }

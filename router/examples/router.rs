@@ -34,6 +34,7 @@ async fn main() -> ExitCode {
         peers: Vec::new(),
         discovery: true,
         conn_limit: weave_router::DEFAULT_CONN_LIMIT,
+        trusted_subnets: Vec::new(),
     };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

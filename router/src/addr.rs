@@ -85,6 +85,17 @@ impl FromStr for Ipv4Cidr {
     }
 }
 
+/// `--trusted-subnets a/b,c/d` (spec router §2.9): comma-separated CIDRs, each normalised to its
+/// network as Go's `net.ParseCIDR` does (`10.1.2.3/8` → `10.0.0.0/8`); blanks around items and
+/// empty items are ignored, so `""` is the empty list.
+pub fn parse_cidr_list(s: &str) -> Result<Vec<Ipv4Cidr>, AddrError> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| item.parse::<Ipv4Cidr>().map(|c| c.network()))
+        .collect()
+}
+
 impl fmt::Display for AddrSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -131,6 +142,23 @@ impl<'de> Deserialize<'de> for AddrSpec {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn cidr_lists() {
+        let list = parse_cidr_list("10.1.2.3/8, 192.168.0.0/16,").expect("valid list");
+        assert_eq!(
+            list.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["10.0.0.0/8", "192.168.0.0/16"]
+        );
+        assert!(list[0].contains(Ipv4Addr::new(10, 200, 0, 1)));
+        assert_eq!(parse_cidr_list("").expect("empty"), vec![]);
+        assert_eq!(
+            parse_cidr_list("10.0.0.0/8,bogus").expect_err("invalid item"),
+            AddrError::InvalidCidr("bogus".into())
+        );
+        assert!(parse_cidr_list("10.0.0.0/33").is_err());
+        assert!(parse_cidr_list("10.0.0.0").is_err());
+    }
 
     #[test]
     fn parses_every_form() {

@@ -1,8 +1,13 @@
 //! The weave router: one per host. It owns the `weave` bridge, attaches containers to it,
 //! installs the iptables rules the bridge needs, runs the mesh (TCP 6783: handshake, encryption,
 //! topology gossip, connection maker) and serves the HTTP API on 127.0.0.1:6784 that the CLI and
-//! the proxy use. The sleeve (pcap + UDP data plane) plugs in next, fed by
-//! [`mesh_shell::MeshEvent`]s.
+//! the proxy use, and the sleeve (pcap + UDP 6783 data plane, [`sleeve_shell`]).
+//!
+//! The mesh and the data plane talk through two small tasks here: `feed_data_plane` turns
+//! [`mesh_shell::MeshEvent`]s into data-plane commands (peer up/down, keys, routes), and
+//! `watch_data_plane` turns the data plane's status into [`mesh_shell::OverlayStatus`] reports
+//! (forwarder established / timed out, MTU) for the mesh, which gates each connection's
+//! `established` state on them, and into the report's `Interface` and `CaptureStats`.
 //!
 //! Pure modules (no IO, unit-tested without root): [`addr`], [`api_types`], [`status`].
 //! Shells: [`bridge`] (the only place that talks rtnetlink), [`iptables`], [`api`] (HTTP server),
@@ -17,6 +22,7 @@ pub mod bridge;
 pub mod capture;
 pub mod client;
 mod control;
+pub mod gro;
 pub mod iptables;
 pub mod mac_cache;
 pub mod mesh;
@@ -75,6 +81,8 @@ pub struct RouterConfig {
     pub discovery: bool,
     /// Cap on mesh connections (0 = unlimited).
     pub conn_limit: usize,
+    /// `--trusted-subnets`: UDP in plaintext with peers in these that trust us too.
+    pub trusted_subnets: Vec<addr::Ipv4Cidr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,18 +158,27 @@ pub async fn run(
     let snapshot = status::StatusSnapshot {
         ready: true,
         version: config.version.clone(),
-        router: status::RouterStatus::alone(
-            &mac.to_string(),
-            &config.nickname,
-            config.port,
-            uid,
-            (uid >> 52) as u16,
-        ),
+        router: status::RouterStatus {
+            peer_discovery: config.discovery,
+            trusted_subnets: config
+                .trusted_subnets
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            ..status::RouterStatus::alone(
+                &mac.to_string(),
+                &config.nickname,
+                config.port,
+                uid,
+                (uid >> 52) as u16,
+            )
+        },
         proxy: (!config.proxy_addrs.is_empty()).then(|| status::ProxyStatus {
             addresses: config.proxy_addrs.clone(),
         }),
     };
-    // The mesh task publishes its part of the status through the sender.
+    // The mesh task publishes its part of the status through the sender, `watch_data_plane`
+    // the data plane's part.
     let (status_tx, status_rx) = watch::channel(snapshot);
     let mesh_config = mesh_shell::MeshConfig {
         name: mesh::peer::PeerName::from_bytes(mac.0),
@@ -173,8 +190,10 @@ pub async fn run(
         discovery: config.discovery,
         conn_limit: config.conn_limit,
         kdf: mesh::handshake::KdfParams::DEFAULT,
+        trusted_subnets: config.trusted_subnets.clone(),
+        await_overlay: true,
     };
-    let mut running = mesh_shell::start(mesh_config, status_tx)
+    let mut running = mesh_shell::start(mesh_config, status_tx.clone())
         .await
         .map_err(|source| RouterError::MeshListen {
             port: config.port,
@@ -183,11 +202,13 @@ pub async fn run(
     // The data plane: captured frames go to peers over UDP, received ones are injected. The
     // mesh tells it which peers are up, with which keys, and the routes.
     let (dp_tx, dp_rx) = tokio::sync::mpsc::channel(256);
-    let (dp_status_tx, _dp_status) = watch::channel(sleeve_shell::DataPlaneStatus::default());
-    let data_plane_config = sleeve_shell::DataPlaneConfig::new(
+    let (dp_status_tx, dp_status) = watch::channel(sleeve_shell::DataPlaneStatus::default());
+    let mut data_plane_config = sleeve_shell::DataPlaneConfig::new(
         mesh::peer::PeerName::from_bytes(mac.0),
         SocketAddr::from(([0, 0, 0, 0], config.port)),
     );
+    data_plane_config.capture = capture::CaptureConfig::for_mtu(config.mtu);
+    let interface = format!("{} (via pcap)", data_plane_config.capture_iface);
     let (stop_data_plane, data_plane_stopped) = tokio::sync::oneshot::channel::<()>();
     let data_plane = tokio::spawn(async move {
         let stopped = async {
@@ -201,6 +222,12 @@ pub async fn run(
     });
     let events = std::mem::replace(&mut running.events, tokio::sync::mpsc::channel(1).1);
     let translate = tokio::spawn(feed_data_plane(events, dp_tx, config.port));
+    let watch_status = tokio::spawn(watch_data_plane(
+        dp_status,
+        running.handle.clone(),
+        status_tx,
+        interface,
+    ));
     let (control, owner) = control::spawn(bridge);
     let state = api::ApiState {
         control,
@@ -210,6 +237,7 @@ pub async fn run(
     api::serve(listener, state, shutdown).await;
     running.abort();
     translate.abort();
+    watch_status.abort();
     let _ = stop_data_plane.send(());
     let _ = tokio::time::timeout(CONTROL_GRACE, data_plane).await;
     // Every handle is gone with the server, so the owner stops after the command in flight.
@@ -266,6 +294,67 @@ async fn feed_data_plane(
             return;
         }
     }
+}
+
+/// What the mesh needs from the data plane's status: per peer, its forwarder's connection UID,
+/// state and MTU.
+fn overlay_status(dp: &sleeve_shell::DataPlaneStatus) -> mesh_shell::OverlayStatus {
+    mesh_shell::OverlayStatus {
+        peers: dp
+            .peers
+            .iter()
+            .map(|(name, p)| {
+                (
+                    *name,
+                    mesh_shell::OverlayPeer {
+                        conn_uid: p.conn_uid,
+                        established: p.established,
+                        mtu: p.mtu,
+                        timed_out: p.timed_out,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Follows the data plane's status (published on changes and about once a second): forwarder
+/// states go to the mesh (when they changed), the capture interface and libpcap's counters to
+/// the report. The data plane sends its first status once its capture is open; when it stops,
+/// the report goes back to no interface.
+async fn watch_data_plane(
+    mut dp: watch::Receiver<sleeve_shell::DataPlaneStatus>,
+    mesh: mesh_shell::MeshHandle,
+    status: watch::Sender<status::StatusSnapshot>,
+    interface: String,
+) {
+    let mut sent: Option<mesh_shell::OverlayStatus> = None;
+    while dp.changed().await.is_ok() {
+        let (overlay, capture) = {
+            let now = dp.borrow_and_update();
+            (overlay_status(&now), now.capture)
+        };
+        status.send_if_modified(|s| {
+            let r = &mut s.router;
+            let changed = r.interface != interface || r.capture_stats != Some(capture);
+            r.interface.clone_from(&interface);
+            r.capture_stats = Some(capture);
+            changed
+        });
+        if sent.as_ref() != Some(&overlay) {
+            if mesh.overlay_status(overlay.clone()).await.is_err() {
+                return;
+            }
+            sent = Some(overlay);
+        }
+    }
+    status.send_if_modified(|s| {
+        let r = &mut s.router;
+        let changed = !r.interface.is_empty() || r.capture_stats.is_some();
+        r.interface.clear();
+        r.capture_stats = None;
+        changed
+    });
 }
 
 /// Create (or reuse) the bridge `name` with `mtu` in the calling thread's network namespace and

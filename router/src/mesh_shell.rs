@@ -17,11 +17,14 @@
 //!
 //! For the sleeve shell: [`MeshEvent`]s (connection up with its UDP keys, rekeys, connection down,
 //! overlay control messages) come out of [`start`]; [`MeshHandle::send_overlay`] sends overlay
-//! control messages to a peer.
+//! control messages to a peer; [`MeshHandle::overlay_status`] feeds back what the data plane
+//! says about its forwarders. As in Weave (spec §2.1, §4.7), a connection stays `pending` until
+//! its forwarder (same connection UID) is established over UDP, and is torn down with
+//! `timed out waiting for UDP heartbeat` when that forwarder hears nothing for 60 s.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -33,6 +36,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::addr::Ipv4Cidr;
 use crate::mesh::conn::{Conn, ConnConfig, ConnEvent, Message, UdpKeys};
 use crate::mesh::connmaker::{
     parse_peer_spec, ConnMakerConfig, ConnectionMaker, DirectPeer, TargetState,
@@ -64,8 +68,10 @@ const TO_MESH_QUEUE: usize = 256;
 const TO_CONN_QUEUE: usize = 64;
 const EVENT_QUEUE: usize = 256;
 const COMMAND_QUEUE: usize = 16;
-/// The overlay every connection uses (the sleeve shell will confirm it).
+/// The overlay every connection uses.
 const OVERLAY: &str = "sleeve";
+/// Why a connection whose forwarder heard no heartbeat for 60 s is torn down (spec §4.7).
+pub const UDP_HEARTBEAT_TIMEOUT: &str = "timed out waiting for UDP heartbeat";
 
 /// What the mesh needs.
 #[derive(Debug, Clone)]
@@ -85,6 +91,14 @@ pub struct MeshConfig {
     /// 0 = unlimited.
     pub conn_limit: usize,
     pub kdf: KdfParams,
+    /// `--trusted-subnets` (spec §2.9): we trust a connection whose remote TCP address is in one
+    /// of these and say so in the handshake; its UDP goes in plaintext when both ends trust
+    /// each other (TCP stays encrypted).
+    pub trusted_subnets: Vec<Ipv4Cidr>,
+    /// Connections stay `pending` until the data plane reports their forwarder established
+    /// ([`MeshHandle::overlay_status`]). `false` is for a mesh without a data plane (tests):
+    /// connections then count as established as soon as they are added.
+    pub await_overlay: bool,
 }
 
 impl MeshConfig {
@@ -122,6 +136,25 @@ pub enum MeshEvent {
     },
 }
 
+/// What the data plane says about the forwarder of one peer connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverlayPeer {
+    /// The connection the forwarder belongs to (reports about other connections are ignored).
+    pub conn_uid: u64,
+    /// Heartbeats confirmed both ways.
+    pub established: bool,
+    /// Effective overlay MTU (`mtu=N` in `weave status connections`).
+    pub mtu: u16,
+    /// No heartbeat for 60 s.
+    pub timed_out: bool,
+}
+
+/// The data plane's forwarders, by peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OverlayStatus {
+    pub peers: BTreeMap<PeerName, OverlayPeer>,
+}
+
 #[derive(Debug)]
 enum MeshCommand {
     Connect {
@@ -136,6 +169,7 @@ enum MeshCommand {
         index: u8,
         body: Vec<u8>,
     },
+    Overlay(OverlayStatus),
 }
 
 /// Commands for the mesh task (API and sleeve side).
@@ -188,6 +222,28 @@ impl MeshHandle {
             .await
             .map_err(|_| MeshError::Stopped)
     }
+
+    /// The data plane's latest view of its forwarders: establishes pending connections and tears
+    /// down timed-out ones (only with `await_overlay`; otherwise just the `mtu` attribute).
+    pub async fn overlay_status(&self, status: OverlayStatus) -> Result<(), MeshError> {
+        self.tx
+            .send(MeshCommand::Overlay(status))
+            .await
+            .map_err(|_| MeshError::Stopped)
+    }
+}
+
+/// Does our `--trusted-subnets` list cover `ip` (spec §2.9)? IPv4 only (an IPv4-mapped IPv6
+/// address counts as its IPv4 address).
+pub fn trusts(subnets: &[Ipv4Cidr], ip: IpAddr) -> bool {
+    let v4 = match ip {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4,
+            None => return false,
+        },
+    };
+    subnets.iter().any(|c| c.contains(v4))
 }
 
 /// Resolve `host[:port]` strings (DNS at connect time, spec §3.7). Errors: one line per string.
@@ -264,6 +320,7 @@ pub async fn start(
     let (event_tx, events) = mpsc::channel(EVENT_QUEUE);
     let ctx = Arc::new(ConnCtx {
         hs,
+        trusted_subnets: config.trusted_subnets.clone(),
         kdf_slots: Semaphore::new(KDF_SLOTS),
         to_mesh,
     });
@@ -334,6 +391,7 @@ fn next_id() -> u64 {
 /// Shared by every connection task.
 struct ConnCtx {
     hs: HandshakeConfig,
+    trusted_subnets: Vec<Ipv4Cidr>,
     kdf_slots: Semaphore,
     to_mesh: mpsc::Sender<ToMesh>,
 }
@@ -350,7 +408,6 @@ struct Registration {
     addr: SocketAddr,
     outbound: bool,
     conn_uid: u64,
-    encrypted: bool,
     udp_encrypted: bool,
     keys: Option<UdpKeys>,
     tx: mpsc::Sender<ToConn>,
@@ -421,14 +478,16 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Run the handshake on `stream`.
+/// Run the handshake on `stream` with the peer at `addr`.
 async fn handshake(
     stream: &mut TcpStream,
+    addr: SocketAddr,
     outbound: bool,
     ctx: &ConnCtx,
 ) -> Result<Established, ConnFailure> {
     let encrypted = ctx.hs.password.is_some();
-    let mut hs = Handshake::new(&ctx.hs, outbound, Instant::now(), &mut OsRng);
+    let trust = trusts(&ctx.trusted_subnets, addr.ip());
+    let mut hs = Handshake::with_trust(&ctx.hs, outbound, trust, Instant::now(), &mut OsRng);
     write_all_hs(&mut hs, stream).await?;
     let mut buf = vec![0u8; 4096];
     loop {
@@ -483,7 +542,7 @@ async fn connection(
     ctx: Arc<ConnCtx>,
 ) {
     let _ = stream.set_nodelay(true);
-    let est = match handshake(&mut stream, outbound, &ctx).await {
+    let est = match handshake(&mut stream, addr, outbound, &ctx).await {
         Ok(est) => est,
         Err(e) => {
             tracing::warn!(
@@ -525,7 +584,6 @@ async fn connection(
         addr,
         outbound,
         conn_uid: est.conn_uid,
-        encrypted: est.encrypted,
         udp_encrypted: est.udp_encrypted(),
         keys: est.keys.as_ref().map(|k| UdpKeys {
             epoch: k.epoch,
@@ -637,10 +695,12 @@ struct Live {
     addr: SocketAddr,
     outbound: bool,
     conn_uid: u64,
-    encrypted: bool,
+    /// UDP encrypted (a password, and not both ends trusting each other).
     udp_encrypted: bool,
     nickname: String,
     established: bool,
+    /// The data plane's latest report on this connection's forwarder.
+    overlay: Option<OverlayPeer>,
 }
 
 /// The mesh task's state.
@@ -807,7 +867,65 @@ impl Mesh {
             MeshCommand::SendOverlay { to, index, body } => {
                 self.send_to(to, Message::OverlayControl { index, body });
             }
+            MeshCommand::Overlay(status) => self.on_overlay(now, &status),
         }
+    }
+
+    /// The data plane's view of its forwarders (spec §4.7): a pending connection becomes
+    /// established once the forwarder of the same connection UID is; a connection whose
+    /// forwarder timed out is torn down (and its target retried). Reports about other connection
+    /// UIDs (the forwarder of an earlier connection, or one not created yet) are ignored.
+    fn on_overlay(&mut self, now: Instant, status: &OverlayStatus) {
+        let mut established = Vec::new();
+        let mut timed_out = Vec::new();
+        for (name, live) in &mut self.conns {
+            let report = status
+                .peers
+                .get(name)
+                .filter(|p| p.conn_uid == live.conn_uid)
+                .copied();
+            live.overlay = report;
+            if !self.config.await_overlay {
+                continue;
+            }
+            match report {
+                Some(p) if p.timed_out => timed_out.push(*name),
+                Some(p) if p.established && !live.established => established.push(*name),
+                _ => {}
+            }
+        }
+        for name in established {
+            self.establish(now, name);
+        }
+        for name in timed_out {
+            if let Some(live) = self.conns.get(&name) {
+                // Dropping `live.tx` in `remove` ends the connection task too, should this
+                // message not fit in its queue.
+                let _ = live
+                    .tx
+                    .try_send(ToConn::Close(UDP_HEARTBEAT_TIMEOUT.to_string()));
+            }
+            self.remove(now, name, Some(UDP_HEARTBEAT_TIMEOUT.to_string()));
+        }
+    }
+
+    /// Mark the connection to `name` established: topology version bump (gossiped, routes
+    /// recomputed after this event), and the connection maker's target.
+    fn establish(&mut self, now: Instant, name: PeerName) {
+        let Some(live) = self.conns.get_mut(&name) else {
+            return;
+        };
+        live.established = true;
+        tracing::info!(
+            "{}[{}|{name}({})]: connection fully established",
+            arrow(live.outbound),
+            live.addr,
+            live.nickname
+        );
+        if self.gossip.data_mut().set_local_established(name) {
+            self.gossip.notify_changed(now);
+        }
+        self.maker.on_established(name);
     }
 
     fn on_conn(&mut self, m: ToMesh) {
@@ -888,12 +1006,8 @@ impl Mesh {
             outbound: reg.outbound,
             established: false,
         });
-        // No sleeve yet: the connection counts as established as soon as it is added. The
-        // sleeve shell will mark it on its forwarder's Established event instead.
-        topo.set_local_established(name);
         self.gossip.notify_changed(now);
         self.maker.on_connected(name, reg.addr, reg.outbound);
-        self.maker.on_established(name);
         let full = self.gossip.full_state_message(self.me());
         let _ = reg.tx.try_send(ToConn::Send(full));
         self.conns.insert(
@@ -904,12 +1018,16 @@ impl Mesh {
                 addr: reg.addr,
                 outbound: reg.outbound,
                 conn_uid: reg.conn_uid,
-                encrypted: reg.encrypted,
                 udp_encrypted: reg.udp_encrypted,
                 nickname: reg.remote.nickname.clone(),
-                established: true,
+                established: false,
+                overlay: None,
             },
         );
+        if !self.config.await_overlay {
+            // No data plane to wait for: established as soon as it is added.
+            self.establish(now, name);
+        }
         self.emit(MeshEvent::ConnectionUp {
             remote: name,
             nickname: reg.remote.nickname.clone(),
@@ -1001,6 +1119,12 @@ impl Mesh {
         let targets = self.maker.direct_peers(false);
         let encryption = self.config.encrypted();
         let discovery = self.config.discovery;
+        let trusted: Vec<String> = self
+            .config
+            .trusted_subnets
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         let terminations = self.terminations;
         self.status.send_if_modified(|s| {
             let r = &mut s.router;
@@ -1011,6 +1135,7 @@ impl Mesh {
                 r.connections.clone(),
                 r.targets.clone(),
                 r.termination_count,
+                r.trusted_subnets.clone(),
             );
             r.protocol_min_version = crate::mesh::handshake::PROTOCOL_MIN_VERSION;
             r.protocol_max_version = crate::mesh::handshake::PROTOCOL_MAX_VERSION;
@@ -1022,6 +1147,7 @@ impl Mesh {
             r.connections = connections;
             r.targets = targets;
             r.termination_count = terminations;
+            r.trusted_subnets = trusted;
             before
                 != (
                     r.encryption,
@@ -1030,6 +1156,7 @@ impl Mesh {
                     r.connections.clone(),
                     r.targets.clone(),
                     r.termination_count,
+                    r.trusted_subnets.clone(),
                 )
         });
     }
@@ -1074,21 +1201,25 @@ impl Mesh {
     }
 }
 
-/// `weave status connections` for a live connection (spec §6.2).
+/// `weave status connections` for a live connection (spec §6.2). With a password, Info and the
+/// `encrypted` attribute tell whether the data path (UDP) is encrypted: it is not between peers
+/// that trust each other (`--trusted-subnets`), while TCP always is. `mtu` is the forwarder's
+/// effective MTU, once the data plane has reported on this connection.
 fn live_status(name: PeerName, l: &Live, password: bool) -> ConnectionStatus {
     let mut info = String::new();
+    let mut attrs = BTreeMap::from([("name".to_string(), json!(OVERLAY))]);
     if password {
-        let enc = if l.encrypted {
+        let enc = if l.udp_encrypted {
             "encrypted"
         } else {
             "unencrypted"
         };
         let _ = write!(info, "{enc:<11} ");
+        attrs.insert("encrypted".to_string(), Value::Bool(l.udp_encrypted));
     }
     let _ = write!(info, "{OVERLAY:<6} {name}({})", l.nickname);
-    let mut attrs = BTreeMap::from([("name".to_string(), json!(OVERLAY))]);
-    if l.udp_encrypted {
-        attrs.insert("encrypted".to_string(), Value::Bool(true));
+    if let Some(o) = &l.overlay {
+        attrs.insert("mtu".to_string(), json!(o.mtu));
     }
     ConnectionStatus {
         address: l.addr.to_string(),
@@ -1196,7 +1327,7 @@ mod tests {
         assert!(wait.is_zero());
     }
 
-    fn live(encrypted: bool) -> Live {
+    fn live(udp_encrypted: bool) -> Live {
         let (tx, _rx) = mpsc::channel(1);
         Live {
             id: 1,
@@ -1204,11 +1335,29 @@ mod tests {
             addr: "192.168.48.11:6783".parse().expect("addr"),
             outbound: true,
             conn_uid: 5,
-            encrypted,
-            udp_encrypted: encrypted,
+            udp_encrypted,
             nickname: "host1".into(),
             established: true,
+            overlay: Some(OverlayPeer {
+                conn_uid: 5,
+                established: true,
+                mtu: 1376,
+                timed_out: false,
+            }),
         }
+    }
+
+    fn connection_line(s: ConnectionStatus) -> String {
+        let snap = StatusSnapshot {
+            ready: true,
+            version: "x".into(),
+            router: crate::status::RouterStatus {
+                connections: vec![s],
+                ..crate::status::RouterStatus::alone("8a:3e:3e:3e:3e:3e", "me", 6783, 1, 1)
+            },
+            proxy: None,
+        };
+        crate::status::render_connections(&snap)
     }
 
     #[test]
@@ -1217,21 +1366,42 @@ mod tests {
         let s = live_status(name, &live(true), true);
         assert_eq!(s.info, "encrypted   sleeve 7e:21:4a:70:2f:45(host1)");
         assert_eq!(s.state, ConnectionState::Established);
+        assert_eq!(
+            connection_line(s),
+            "-> 192.168.48.11:6783    established encrypted   sleeve 7e:21:4a:70:2f:45(host1) encrypted=true mtu=1376\n"
+        );
+        // No password: neither the word nor the attribute.
         let s = live_status(name, &live(false), false);
         assert_eq!(s.info, "sleeve 7e:21:4a:70:2f:45(host1)");
-        let snap = StatusSnapshot {
-            ready: true,
-            version: "x".into(),
-            router: crate::status::RouterStatus {
-                connections: vec![live_status(name, &live(true), true)],
-                ..crate::status::RouterStatus::alone("8a:3e:3e:3e:3e:3e", "me", 6783, 1, 1)
-            },
-            proxy: None,
-        };
         assert_eq!(
-            crate::status::render_connections(&snap),
-            "-> 192.168.48.11:6783    established encrypted   sleeve 7e:21:4a:70:2f:45(host1) encrypted=true\n"
+            connection_line(s),
+            "-> 192.168.48.11:6783    established sleeve 7e:21:4a:70:2f:45(host1) mtu=1376\n"
         );
+        // A password, but peers trusting each other: UDP in plaintext, and said so.
+        let s = live_status(name, &live(false), true);
+        assert_eq!(
+            connection_line(s),
+            "-> 192.168.48.11:6783    established unencrypted sleeve 7e:21:4a:70:2f:45(host1) encrypted=false mtu=1376\n"
+        );
+        // Pending, before the data plane reported on it: no MTU yet.
+        let mut l = live(true);
+        l.established = false;
+        l.overlay = None;
+        assert_eq!(
+            connection_line(live_status(name, &l, true)),
+            "-> 192.168.48.11:6783    pending     encrypted   sleeve 7e:21:4a:70:2f:45(host1) encrypted=true\n"
+        );
+    }
+
+    #[test]
+    fn trusted_subnet_membership() {
+        let subnets = crate::addr::parse_cidr_list("10.0.0.0/8,192.0.2.0/24").expect("subnets");
+        assert!(trusts(&subnets, "10.9.8.7".parse().expect("ip")));
+        assert!(trusts(&subnets, "192.0.2.11".parse().expect("ip")));
+        assert!(!trusts(&subnets, "192.0.3.11".parse().expect("ip")));
+        assert!(trusts(&subnets, "::ffff:10.1.1.1".parse().expect("ip")));
+        assert!(!trusts(&subnets, "fe80::1".parse().expect("ip")));
+        assert!(!trusts(&[], "10.9.8.7".parse().expect("ip")));
     }
 
     #[tokio::test]
@@ -1270,6 +1440,8 @@ mod tests {
             discovery: true,
             conn_limit: 10,
             kdf: KdfParams::INSECURE_FAST,
+            trusted_subnets: Vec::new(),
+            await_overlay: false,
         }
     }
 
@@ -1389,6 +1561,169 @@ mod tests {
         let bad = b.handle.connect(&["bad host".into()], false).await;
         assert!(matches!(bad, Err(MeshError::InvalidPeers(_))));
         for m in [&a, &b, &c] {
+            m.abort();
+        }
+    }
+
+    /// The next `ConnectionUp` on `events` (other events may come first): (remote, conn UID,
+    /// UDP encrypted).
+    async fn next_connection_up(events: &mut mpsc::Receiver<MeshEvent>) -> (PeerName, u64, bool) {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), events.recv()).await {
+                Ok(Some(MeshEvent::ConnectionUp {
+                    remote,
+                    conn_uid,
+                    udp_encrypted,
+                    ..
+                })) => return (remote, conn_uid, udp_encrypted),
+                Ok(Some(_)) => {}
+                other => panic!("expected ConnectionUp, got {other:?}"),
+            }
+        }
+    }
+
+    fn overlay(peer: PeerName, conn_uid: u64, established: bool, timed_out: bool) -> OverlayStatus {
+        OverlayStatus {
+            peers: BTreeMap::from([(
+                peer,
+                OverlayPeer {
+                    conn_uid,
+                    established,
+                    mtu: 1376,
+                    timed_out,
+                },
+            )]),
+        }
+    }
+
+    fn mtu_attr(s: &StatusSnapshot) -> Option<Value> {
+        s.router
+            .connections
+            .first()
+            .and_then(|c| c.attrs.as_ref())
+            .and_then(|a| a.get("mtu").cloned())
+    }
+
+    /// With a data plane attached, a connection is pending until the forwarder of that very
+    /// connection is established; data routes need both ends established; a heartbeat timeout
+    /// tears the connection down and the dialler retries. Both ends trust 127.0.0.0/8, so UDP
+    /// goes in plaintext (TCP still encrypted with the password).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_wait_for_the_overlay() {
+        let (pa, pb) = (free_port(), free_port());
+        let (na, nb) = (PeerName::from_u64(1), PeerName::from_u64(2));
+        let trusted = crate::addr::parse_cidr_list("127.0.0.0/8").expect("subnets");
+        let (tx_a, mut rx_a) = watch::channel(snapshot(1, pa));
+        let (tx_b, mut rx_b) = watch::channel(snapshot(2, pb));
+        let mut config_a = mesh_config(1, pa, "pw", vec![]);
+        config_a.await_overlay = true;
+        config_a.trusted_subnets = trusted.clone();
+        let mut config_b = mesh_config(2, pb, "pw", vec![format!("127.0.0.1:{pa}")]);
+        config_b.await_overlay = true;
+        config_b.trusted_subnets = trusted;
+        let mut a = start(config_a, tx_a).await.expect("mesh a");
+        let mut b = start(config_b, tx_b).await.expect("mesh b");
+
+        let (remote, uid_a, udp_encrypted) = next_connection_up(&mut a.events).await;
+        assert_eq!(remote, nb);
+        assert!(
+            !udp_encrypted,
+            "both ends trust each other: UDP in plaintext"
+        );
+        let (remote, uid_b, udp_encrypted) = next_connection_up(&mut b.events).await;
+        assert_eq!(remote, na);
+        assert!(!udp_encrypted);
+        assert_eq!(uid_a, uid_b, "one connection UID for both ends");
+        let pending = |s: &StatusSnapshot| {
+            s.router.connections.len() == 1
+                && s.router.connections[0].state == ConnectionState::Pending
+        };
+        wait_for(&mut rx_a, "a pending", pending).await;
+        wait_for(&mut rx_b, "b pending", pending).await;
+        {
+            let s = rx_a.borrow();
+            let r = &s.router;
+            assert!(r.peers[0].connections.iter().all(|c| !c.established));
+            assert!(r.unicast_routes.is_empty(), "no data routes yet");
+            assert!(r.encryption);
+            assert!(r.connections[0]
+                .info
+                .starts_with("unencrypted sleeve 00:00:00:00:00:02(node2)"));
+            let attrs = r.connections[0].attrs.clone().unwrap_or_default();
+            assert_eq!(attrs.get("encrypted"), Some(&Value::Bool(false)));
+            assert_eq!(r.trusted_subnets, vec!["127.0.0.0/8".to_string()]);
+        }
+
+        // A report about another connection changes nothing; one about this connection shows
+        // its MTU but, not established yet, leaves it pending.
+        b.handle
+            .overlay_status(overlay(na, uid_b ^ 1, true, true))
+            .await
+            .expect("status");
+        b.handle
+            .overlay_status(overlay(na, uid_b, false, false))
+            .await
+            .expect("status");
+        wait_for(&mut rx_b, "b shows the MTU", |s| {
+            mtu_attr(s) == Some(json!(1376))
+        })
+        .await;
+        assert!(pending(&rx_b.borrow()), "{:#?}", rx_b.borrow().router);
+
+        // a's forwarder established: a's end is, and gossip tells b; data routes need both.
+        a.handle
+            .overlay_status(overlay(nb, uid_a, true, false))
+            .await
+            .expect("status");
+        wait_for(&mut rx_a, "a established", |s| {
+            s.router.connections.first().map(|c| c.state) == Some(ConnectionState::Established)
+                && s.router.peers[0].connections.iter().all(|c| c.established)
+        })
+        .await;
+        let name_a = na.to_string();
+        wait_for(&mut rx_b, "b learns a's end is established", |s| {
+            s.router
+                .peers
+                .iter()
+                .any(|p| p.name == name_a && p.connections.iter().any(|c| c.established))
+        })
+        .await;
+        assert!(pending(&rx_b.borrow()));
+        assert!(rx_a.borrow().router.unicast_routes.is_empty());
+
+        // b's too: routes over the now symmetric link, on both sides.
+        b.handle
+            .overlay_status(overlay(na, uid_b, true, false))
+            .await
+            .expect("status");
+        let routes_to = |peer: PeerName| {
+            let dest = peer.to_string();
+            move |s: &StatusSnapshot| s.router.unicast_routes.iter().any(|r| r.dest == dest)
+        };
+        wait_for(&mut rx_a, "a routes to b", routes_to(nb)).await;
+        wait_for(&mut rx_b, "b routes to a", routes_to(na)).await;
+        assert_eq!(
+            rx_b.borrow().router.connections[0].state,
+            ConnectionState::Established
+        );
+
+        // No heartbeat for 60 s: torn down with the reason, and the dialler tries again.
+        b.handle
+            .overlay_status(overlay(na, uid_b, true, true))
+            .await
+            .expect("status");
+        wait_for(&mut rx_b, "b shows the heartbeat timeout", |s| {
+            s.router.connections.iter().any(|c| {
+                c.state == ConnectionState::Failed && c.info.contains(UDP_HEARTBEAT_TIMEOUT)
+            })
+        })
+        .await;
+        assert_eq!(rx_b.borrow().router.termination_count, 1);
+        let (remote, uid, _) = next_connection_up(&mut b.events).await;
+        assert_eq!(remote, na);
+        assert_ne!(uid, uid_b, "a new connection");
+        wait_for(&mut rx_b, "b pending again", pending).await;
+        for m in [&a, &b] {
             m.abort();
         }
     }

@@ -12,6 +12,8 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+pub use crate::capture::CaptureStats;
+
 /// Shown after the version: we never phone home.
 pub const VERSION_CHECK_DISABLED: &str = "version check update disabled";
 
@@ -63,9 +65,12 @@ pub struct RouterStatus {
     pub targets: Vec<String>,
     #[serde(rename = "TrustedSubnets")]
     pub trusted_subnets: Vec<String>,
-    /// The capture interface (`vethwe-pcap (via pcap)` once the sleeve exists).
+    /// The capture interface (`vethwe-pcap (via pcap)` once the sleeve runs).
     #[serde(rename = "Interface")]
     pub interface: String,
+    /// libpcap's counters of the sleeve's capture; `None` (JSON null) before it runs.
+    #[serde(rename = "CaptureStats")]
+    pub capture_stats: Option<CaptureStats>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -197,6 +202,7 @@ impl RouterStatus {
             targets: Vec::new(),
             trusted_subnets: Vec::new(),
             interface: String::new(),
+            capture_stats: None,
         }
     }
 }
@@ -315,18 +321,19 @@ fn attr_text(value: &Value) -> String {
     }
 }
 
-/// `GET /status/connections`: Weave's layout, including its quirk of gluing attributes
-/// together without a separator.
+/// `GET /status/connections`: Weave's layout, except that attributes are separated by a space
+/// (`encrypted=true mtu=1376`) where Weave glues them together (`encrypted=truemtu=1376`).
 pub fn render_connections(s: &StatusSnapshot) -> String {
     let mut out = String::new();
     for c in &s.router.connections {
-        let attrs: String = c
+        let attrs: Vec<String> = c
             .attrs
             .iter()
             .flatten()
             .filter(|(k, _)| k.as_str() != "name")
             .map(|(k, v)| format!("{k}={}", attr_text(v)))
             .collect();
+        let attrs = attrs.join(" ");
         let _ = writeln!(
             out,
             "{} {:<21} {:<11} {} {}",
@@ -550,7 +557,8 @@ mod tests {
                 "TerminationCount": 0,
                 "Targets": [],
                 "TrustedSubnets": [],
-                "Interface": ""
+                "Interface": "",
+                "CaptureStats": null
             },
             "Proxy": { "Addresses": ["tcp://0.0.0.0:12375"] }
         });
@@ -562,5 +570,40 @@ mod tests {
         assert_eq!(top, ["Ready", "Version", "VersionCheck", "Router", "Proxy"]);
         // No proxy → no Proxy key.
         assert!(report(&alone()).get("Proxy").is_none());
+        // Once the sleeve runs: its interface and libpcap's counters.
+        let mut s = alone();
+        s.router.interface = "vethwe-pcap (via pcap)".into();
+        s.router.capture_stats = Some(CaptureStats {
+            packets_received: 10,
+            packets_dropped: 2,
+            packets_if_dropped: 1,
+            ..CaptureStats::default()
+        });
+        let router = &report(&s)["Router"];
+        assert_eq!(router["Interface"], "vethwe-pcap (via pcap)");
+        assert_eq!(
+            router["CaptureStats"],
+            json!({"PacketsReceived": 10, "PacketsDropped": 2, "PacketsIfDropped": 1})
+        );
+    }
+
+    #[test]
+    fn connection_attributes_are_space_separated() {
+        let mut s = alone();
+        s.router.connections = vec![ConnectionStatus {
+            address: "192.168.48.11:6783".into(),
+            outbound: true,
+            state: ConnectionState::Established,
+            info: "encrypted   sleeve 7e:21:4a:70:2f:45(host1)".into(),
+            attrs: Some(BTreeMap::from([
+                ("encrypted".to_string(), json!(true)),
+                ("mtu".to_string(), json!(1376)),
+                ("name".to_string(), json!("sleeve")),
+            ])),
+        }];
+        assert_eq!(
+            render_connections(&s),
+            "-> 192.168.48.11:6783    established encrypted   sleeve 7e:21:4a:70:2f:45(host1) encrypted=true mtu=1376\n"
+        );
     }
 }

@@ -55,6 +55,7 @@ fn api_end_to_end() {
             peers: Vec::new(),
             discovery: true,
             conn_limit: weave_router::DEFAULT_CONN_LIMIT,
+            trusted_subnets: Vec::new(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let router = tokio::spawn(run(config, async {
@@ -86,6 +87,22 @@ fn api_end_to_end() {
         assert_eq!(report["Version"], "9.9.9");
         assert_eq!(report["Router"]["NickName"], "testhost");
         assert_eq!(report["Router"]["Peers"].as_array().map(Vec::len), Some(1));
+        assert_eq!(report["Router"]["TrustedSubnets"], serde_json::json!([]));
+        // The sleeve's capture, once the data plane runs.
+        let mut sleeve = report["Router"].clone();
+        for _ in 0..500 {
+            if sleeve["Interface"] != "" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            sleeve = client.report().await.expect("report")["Router"].clone();
+        }
+        assert_eq!(sleeve["Interface"], "vethwe-pcap (via pcap)");
+        assert!(
+            sleeve["CaptureStats"]["PacketsReceived"].is_u64(),
+            "{}",
+            sleeve["CaptureStats"]
+        );
         assert_eq!(
             client.get_text("/proxyaddrs").await.expect("proxyaddrs"),
             "unix:///var/run/weave/weave.sock\n"

@@ -200,7 +200,7 @@ fn capture_port_capture_and_injection() {
         // (b) A frame "from a remote container", injected into the bridge: B answers it, the
         // answer is captured, and the injected frame itself is not (direction in).
         let request = arp_request(FAKE_MAC, ABSENT, Ipv4Addr::new(10, 35, 1, 2));
-        injector.inject(&request).expect("inject");
+        injector.inject(&request, None).expect("inject");
         let seen = wait_for(&mut rx, "B's ARP reply to the injected request", |f| {
             arp(f)
                 == Some(Arp {
@@ -222,7 +222,7 @@ fn capture_port_capture_and_injection() {
         );
         // Injection works from another thread too (the handle is shared).
         let other = injector.clone();
-        std::thread::spawn(move || other.inject(&request))
+        std::thread::spawn(move || other.inject(&request, None))
             .join()
             .expect("injecting thread")
             .expect("inject from another thread");

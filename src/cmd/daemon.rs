@@ -38,6 +38,7 @@ pub async fn router(args: RouterArgs, http_addr: SocketAddr) -> Result<()> {
         peers: args.peers,
         discovery: !args.no_discovery,
         conn_limit: args.conn_limit,
+        trusted_subnets: args.trusted_subnets.unwrap_or_default().0,
     };
     weave_router::run(config, shutdown_signal())
         .await

@@ -56,6 +56,7 @@ pub async fn run(args: LaunchArgs, router: &RouterClient) -> Result<()> {
     if args.proxy {
         router_cmd.push(format!("--proxy-addr={}", docker::proxy_url()));
     }
+    router_cmd.extend(mesh_flags(&args));
     router_cmd.extend(args.peers.iter().cloned());
     let mut router_env = Vec::new();
     if let Some(password) = &args.password {
@@ -104,6 +105,21 @@ pub async fn run(args: LaunchArgs, router: &RouterClient) -> Result<()> {
     }
     println!("{router_id}");
     Ok(())
+}
+
+/// The mesh flags to pass on to the router, in the daemon's own syntax.
+fn mesh_flags(args: &LaunchArgs) -> Vec<String> {
+    let mut flags = Vec::new();
+    if args.no_discovery {
+        flags.push("--no-discovery".to_string());
+    }
+    if let Some(n) = args.conn_limit {
+        flags.push(format!("--conn-limit={n}"));
+    }
+    if let Some(subnets) = &args.trusted_subnets {
+        flags.push(format!("--trusted-subnets={subnets}"));
+    }
+    flags
 }
 
 /// The proxy flags to pass on, in the daemon's own syntax.
@@ -287,4 +303,62 @@ pub fn hostname() -> String {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "weave".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::mesh_flags;
+    use crate::cli::{Cli, Command};
+
+    fn command(args: &[&str]) -> Command {
+        match Cli::try_parse_from(args) {
+            Ok(cli) => cli.command,
+            Err(e) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn mesh_flags_reach_the_router() {
+        let Command::Launch(launch) = command(&[
+            "weave",
+            "launch",
+            "--no-discovery",
+            "--conn-limit=3",
+            "--trusted-subnets",
+            "192.0.2.7/24,10.0.0.0/8",
+            "h1",
+        ]) else {
+            panic!("not a launch");
+        };
+        let flags = mesh_flags(&launch);
+        assert_eq!(
+            flags,
+            [
+                "--no-discovery",
+                "--conn-limit=3",
+                "--trusted-subnets=192.0.2.0/24,10.0.0.0/8"
+            ]
+        );
+        // What the router container runs accepts them.
+        let mut router = vec!["weave", "router"];
+        router.extend(flags.iter().map(String::as_str));
+        router.push("h1");
+        let Command::Router(r) = command(&router) else {
+            panic!("not a router");
+        };
+        assert!(r.no_discovery);
+        assert_eq!(r.conn_limit, 3);
+        assert_eq!(
+            r.trusted_subnets.map(|s| s.to_string()).as_deref(),
+            Some("192.0.2.0/24,10.0.0.0/8")
+        );
+        assert_eq!(r.peers, ["h1"]);
+        // Nothing given: nothing passed (the router's defaults apply).
+        let Command::Launch(plain) = command(&["weave", "launch"]) else {
+            panic!("not a launch");
+        };
+        assert!(mesh_flags(&plain).is_empty());
+    }
 }

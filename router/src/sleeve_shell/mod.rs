@@ -24,23 +24,25 @@ mod sys;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::capture::{Capture, CaptureConfig, CaptureError, CaptureStats, Injector};
+use crate::gro::Coalescer;
 use crate::mac_cache::{
     decide_captured, decide_received, flood_targets, CaptureDecision, Discard, Learned, MacCache,
     Owner, ReceiveDecision,
 };
 pub use crate::mesh::routes::RouteTable;
 use crate::sleeve::codec::{Frame, Header};
-use crate::sleeve::forwarder::ForwarderStats;
+use crate::sleeve::forwarder::{ForwarderStats, Transmit};
 use crate::sleeve::{
     DropCounters, DropReason, Forwarder, ForwarderConfig, ForwarderEvent, PeerName, Received,
     SessionKeys,
@@ -50,6 +52,9 @@ use crate::sleeve::{
 pub const BATCH: usize = 64;
 /// Receive buffer: the largest UDP payload.
 const RX_BUF: usize = 65536;
+/// UDP socket receive/send buffer: bursts of a fast TCP flow (thousands of datagrams) must not
+/// overflow while the data-plane task is busy, or TCP sees loss and halves its window.
+const UDP_SOCKET_BUFFER: usize = 8 << 20;
 /// How often status snapshots are refreshed (counters) when nothing else changed.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// MAC cache sweep interval (spec §4.4).
@@ -189,10 +194,10 @@ struct Peer {
 struct Plane {
     me: PeerName,
     max_mtu: u16,
-    udp: UdpSocket,
-    /// Current `IP_MTU_DISCOVER` mode of `udp` (true = DF).
-    df_mode: bool,
+    out: UdpOut,
     injector: Injector,
+    /// Frames to inject, merged per TCP flow; injected at the end of every loop turn.
+    to_inject: Coalescer,
     macs: MacCache<PeerName>,
     routes: RouteTable,
     peers: HashMap<PeerName, Peer>,
@@ -230,6 +235,12 @@ pub async fn run_data_plane(
         .set_nonblocking(true)
         .map_err(DataPlaneError::Socket)?;
     sys::set_df(&std_socket, true).map_err(DataPlaneError::Socket)?;
+    if let Err(e) = sys::set_buffers(&std_socket, UDP_SOCKET_BUFFER) {
+        tracing::warn!(error = %e, "sleeve: cannot enlarge the UDP socket buffers");
+    }
+    if let Err(e) = sys::enable_gro(&std_socket) {
+        tracing::info!(error = %e, "sleeve: no UDP receive offload; one datagram per read");
+    }
     let udp = UdpSocket::from_std(std_socket).map_err(DataPlaneError::Socket)?;
     let (mut capture, injector) = Capture::open(&config.capture_iface, config.capture)?;
     tracing::info!(me = %config.me, udp = %config.udp_bind, iface = %config.capture_iface, "sleeve data plane started");
@@ -237,9 +248,9 @@ pub async fn run_data_plane(
     let mut plane = Plane {
         me: config.me,
         max_mtu: config.mtu,
-        udp,
-        df_mode: true,
+        out: UdpOut::new(udp),
         injector,
+        to_inject: Coalescer::new(),
         macs: MacCache::default(),
         routes: RouteTable::default(),
         peers: HashMap::new(),
@@ -277,10 +288,13 @@ pub async fn run_data_plane(
                     plane.on_captured(&frame).await;
                 }
             },
-            r = plane.udp.recv_from(&mut rx) => {
-                plane.on_recv_result(r, &mut rx).await;
-                for _ in 1..BATCH {
-                    match plane.udp.try_recv_from(&mut rx) {
+            r = plane.out.socket.readable() => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "sleeve: UDP socket failed");
+                }
+                for _ in 0..BATCH {
+                    let socket = &plane.out.socket;
+                    match socket.try_io(Interest::READABLE, || sys::recv_segments(socket, &mut rx)) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         r => plane.on_recv_result(r, &mut rx).await,
                     }
@@ -297,6 +311,7 @@ pub async fn run_data_plane(
                 }
             },
         }
+        plane.inject_pending();
         plane.flush_dirty().await;
         let deadline = plane
             .next_deadline()
@@ -445,17 +460,25 @@ impl Plane {
         }
     }
 
-    async fn on_recv_result(&mut self, r: io::Result<(usize, SocketAddr)>, rx: &mut [u8]) {
-        match r {
-            Ok((n, from)) => {
-                if let Some(datagram) = rx.get_mut(..n) {
-                    self.on_datagram(from, datagram).await;
-                }
-            }
+    async fn on_recv_result(&mut self, r: io::Result<sys::Segments>, rx: &mut [u8]) {
+        let run = match r {
+            Ok(run) => run,
             Err(e) => {
                 self.drops.recv_failed += 1;
                 tracing::debug!(error = %e, "sleeve: UDP receive failed");
+                return;
             }
+        };
+        if run.truncated {
+            self.drops.recv_failed += 1;
+            return;
+        }
+        let Some(received) = rx.get_mut(..run.len) else {
+            return;
+        };
+        let size = run.segment_size.unwrap_or(run.len).max(1);
+        for datagram in received.chunks_mut(size) {
+            self.on_datagram(run.from, datagram).await;
         }
     }
 
@@ -510,13 +533,8 @@ impl Plane {
                     }
                     Learned::Refreshed | Learned::Conflict(_) | Learned::Ignored => {}
                 }
-                match self.injector.inject(f.data) {
-                    Ok(()) => self.injected_frames += 1,
-                    Err(e) => {
-                        self.drops.inject_failed += 1;
-                        tracing::debug!(error = %e, "sleeve: injection failed");
-                    }
-                }
+                self.to_inject.push(f.data);
+                self.injected_frames += 1;
                 if flood {
                     let mut hops = std::mem::take(&mut self.hops);
                     hops.clear();
@@ -565,6 +583,20 @@ impl Plane {
         }
     }
 
+    /// Inject the frames received this turn, merged per TCP flow.
+    fn inject_pending(&mut self) {
+        if self.to_inject.is_empty() {
+            return;
+        }
+        let mut frames = self.to_inject.drain();
+        while let Some(out) = frames.next_frame() {
+            if let Err(e) = self.injector.inject(out.frame, out.gso) {
+                self.drops.inject_failed += 1;
+                tracing::debug!(error = %e, "sleeve: injection failed");
+            }
+        }
+    }
+
     async fn flush_dirty(&mut self) {
         let mut names = std::mem::take(&mut self.flushing);
         names.clear();
@@ -578,38 +610,34 @@ impl Plane {
     /// Send everything `name`'s forwarder has to send, then take its events.
     async fn flush(&mut self, name: PeerName) {
         let now = std_now();
-        let Some(peer) = self.peers.get_mut(&name) else {
+        let Plane {
+            peers,
+            out,
+            tx,
+            drops,
+            ..
+        } = self;
+        let Some(peer) = peers.get_mut(&name) else {
             return;
         };
-        while let Some(t) = peer.fwd.poll_transmit(now, &mut self.tx) {
-            let Some(bytes) = self.tx.get(..t.size) else {
+        while let Some(t) = peer.fwd.poll_transmit(now, tx) {
+            let Some(bytes) = tx.get(..t.size) else {
                 continue;
             };
-            if t.df != self.df_mode {
-                match sys::set_df(&self.udp, t.df) {
-                    Ok(()) => self.df_mode = t.df,
-                    Err(e) => tracing::warn!(error = %e, "sleeve: cannot switch DF mode"),
-                }
+            if !out.batch_accepts(&t) {
+                out.send_batch(name, &mut peer.fwd, drops).await;
             }
-            match self.udp.send_to(bytes, t.destination).await {
-                Ok(_) => {}
-                Err(e) if t.df && e.raw_os_error() == Some(libc::EMSGSIZE) => {
-                    match sys::path_mtu(t.destination) {
-                        Ok(pmtu) => {
-                            tracing::debug!(peer = %name, pmtu, size = t.size, "sleeve: EMSGSIZE");
-                            peer.fwd.note_path_mtu(now, pmtu);
-                        }
-                        Err(e) => tracing::warn!(error = %e, "sleeve: cannot read the path MTU"),
-                    }
-                }
-                Err(e) => {
-                    self.drops.send_failed += 1;
-                    tracing::debug!(peer = %name, error = %e, "sleeve: UDP send failed");
-                }
+            if out.batch_accepts(&t) {
+                out.add_to_batch(bytes, t.destination);
+            } else {
+                out.send(bytes, t.destination, t.df, name, &mut peer.fwd, drops)
+                    .await;
             }
         }
+        out.send_batch(name, &mut peer.fwd, drops).await;
+        let status_changed = &mut self.status_changed;
         while let Some(event) = peer.fwd.poll_event() {
-            self.status_changed = true;
+            *status_changed = true;
             match event {
                 ForwarderEvent::Established => {
                     tracing::info!(peer = %name, "sleeve: connection fully established");
@@ -627,6 +655,177 @@ impl Plane {
                 ForwarderEvent::StackFragmentation(ok) => {
                     tracing::debug!(peer = %name, ok, "sleeve: fragmentation test");
                 }
+            }
+        }
+    }
+}
+
+/// Most datagrams in one `UDP_SEGMENT` send (the kernel's limit is 64 on older kernels).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Most bytes in one `UDP_SEGMENT` send (one UDP datagram's worth).
+const GSO_MAX_BYTES: usize = 65000;
+
+/// The UDP socket and how we send on it: the current DF mode, and a batch of equal-sized DF
+/// datagrams for one destination that goes out in a single `sendmsg` with `UDP_SEGMENT` (the
+/// kernel cuts it up as late as possible, on the underlay, or never when it crosses veths).
+struct UdpOut {
+    socket: UdpSocket,
+    /// Current `IP_MTU_DISCOVER` mode of the socket (true = DF).
+    df_mode: bool,
+    /// Segmentation offload works here (cleared after the kernel refused it).
+    gso: bool,
+    batch: Vec<u8>,
+    batch_to: Option<SocketAddrV4>,
+    /// Size of every datagram in the batch but a shorter last one.
+    segment: usize,
+    segments: usize,
+    /// A shorter datagram ended the batch.
+    batch_closed: bool,
+}
+
+impl UdpOut {
+    fn new(socket: UdpSocket) -> Self {
+        UdpOut {
+            socket,
+            df_mode: true,
+            gso: true,
+            batch: Vec::with_capacity(GSO_MAX_BYTES),
+            batch_to: None,
+            segment: 0,
+            segments: 0,
+            batch_closed: false,
+        }
+    }
+
+    /// May `t` go into the current batch (or start one)?
+    fn batch_accepts(&self, t: &Transmit<SocketAddr>) -> bool {
+        let SocketAddr::V4(to) = t.destination else {
+            return false;
+        };
+        if !self.gso || !t.df {
+            return false;
+        }
+        match self.batch_to {
+            None => true,
+            Some(batch_to) => {
+                batch_to == to
+                    && !self.batch_closed
+                    && t.size <= self.segment
+                    && self.segments < GSO_MAX_SEGMENTS
+                    && self.batch.len() + t.size <= GSO_MAX_BYTES
+            }
+        }
+    }
+
+    /// Add a datagram `batch_accepts` took.
+    fn add_to_batch(&mut self, datagram: &[u8], to: SocketAddr) {
+        let SocketAddr::V4(to) = to else {
+            return;
+        };
+        if self.batch_to.is_none() {
+            self.batch_to = Some(to);
+            self.segment = datagram.len();
+        } else if datagram.len() < self.segment {
+            self.batch_closed = true;
+        }
+        self.batch.extend_from_slice(datagram);
+        self.segments += 1;
+    }
+
+    /// Send the batch, if any: one datagram plainly, several with `UDP_SEGMENT`; datagram by
+    /// datagram if the kernel refuses the batch.
+    async fn send_batch(
+        &mut self,
+        name: PeerName,
+        fwd: &mut Forwarder<SocketAddr>,
+        drops: &mut ShellDrops,
+    ) {
+        let Some(to) = self.batch_to.take() else {
+            return;
+        };
+        let batch = std::mem::take(&mut self.batch);
+        let (segment, segments) = (self.segment, self.segments);
+        self.segments = 0;
+        self.batch_closed = false;
+        let sent_whole = segments > 1 && self.send_segments(&batch, segment, to).await;
+        if !sent_whole {
+            for datagram in batch.chunks(segment.max(1)) {
+                self.send(datagram, SocketAddr::V4(to), true, name, fwd, drops)
+                    .await;
+            }
+        }
+        self.batch = batch;
+        self.batch.clear();
+    }
+
+    /// One `UDP_SEGMENT` send; false when the datagrams must go one by one instead.
+    async fn send_segments(&mut self, batch: &[u8], segment: usize, to: SocketAddrV4) -> bool {
+        let Ok(segment) = u16::try_from(segment) else {
+            return false;
+        };
+        if !self.set_df(true) {
+            return false;
+        }
+        let socket = &self.socket;
+        let sent = socket
+            .async_io(Interest::WRITABLE, || {
+                sys::send_segments(socket, batch, segment, to)
+            })
+            .await;
+        match sent {
+            Ok(_) => true,
+            // EMSGSIZE / EINVAL: a datagram is over the path MTU; sent one by one, the first
+            // gets the EMSGSIZE that starts PMTU discovery.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMSGSIZE | libc::EINVAL)) => false,
+            Err(e) => {
+                // EIO: the route's device cannot checksum for us; others: no UDP_SEGMENT.
+                tracing::info!(error = %e, "sleeve: UDP segmentation offload unavailable; sending datagrams one by one");
+                self.gso = false;
+                false
+            }
+        }
+    }
+
+    /// Switch the socket's DF mode if needed; false if that failed.
+    fn set_df(&mut self, df: bool) -> bool {
+        if df == self.df_mode {
+            return true;
+        }
+        match sys::set_df(&self.socket, df) {
+            Ok(()) => {
+                self.df_mode = df;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "sleeve: cannot switch DF mode");
+                false
+            }
+        }
+    }
+
+    /// Send one datagram; an EMSGSIZE on the DF path tells `fwd` the kernel's path MTU.
+    async fn send(
+        &mut self,
+        datagram: &[u8],
+        to: SocketAddr,
+        df: bool,
+        name: PeerName,
+        fwd: &mut Forwarder<SocketAddr>,
+        drops: &mut ShellDrops,
+    ) {
+        self.set_df(df);
+        match self.socket.send_to(datagram, to).await {
+            Ok(_) => {}
+            Err(e) if df && e.raw_os_error() == Some(libc::EMSGSIZE) => match sys::path_mtu(to) {
+                Ok(pmtu) => {
+                    tracing::debug!(peer = %name, pmtu, size = datagram.len(), "sleeve: EMSGSIZE");
+                    fwd.note_path_mtu(std_now(), pmtu);
+                }
+                Err(e) => tracing::warn!(error = %e, "sleeve: cannot read the path MTU"),
+            },
+            Err(e) => {
+                drops.send_failed += 1;
+                tracing::debug!(peer = %name, error = %e, "sleeve: UDP send failed");
             }
         }
     }

@@ -9,15 +9,14 @@
 //! never queued without bound. Copies go into one reusable arena (`BytesMut`), so steady state does
 //! not allocate per frame.
 //!
-//! Writing: a second, non-promiscuous handle on the same interface that never captures (a
-//! reject-all kernel filter), shared by every [`Injector`] clone behind a mutex: one
-//! `pcap_sendpacket` per frame.
+//! Writing: [`Injector`] (module `inject`), a packet socket of its own that takes virtio-net
+//! headers, so merged TCP frames go into the bridge whole.
 //!
-//! Both handles act in the network namespace of the thread that calls [`Capture::open`].
+//! Both act in the network namespace of the thread that calls [`Capture::open`].
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -27,12 +26,20 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-/// Default capture length: whole frames up to the largest bridge MTU.
+mod inject;
+pub use inject::Injector;
+
+/// Default capture length: whole frames up to the largest bridge MTU. Use
+/// [`CaptureConfig::for_mtu`] when the bridge MTU is known: in immediate mode libpcap uses
+/// fixed-size ring slots sized from the snaplen, so 65535 leaves an 8 MB ring with room for
+/// about 120 frames, and a fast TCP flow overflows it.
 pub const DEFAULT_SNAPLEN: u32 = 65535;
+/// Ethernet header plus one VLAN tag: what a frame adds to the bridge MTU.
+const L2_OVERHEAD: u32 = 14 + 4;
 /// Default kernel buffer of the read handle (`--bufsz`, 8 MB).
 pub const DEFAULT_BUFFER_SIZE: usize = 8 << 20;
 /// Default depth of the channel between the capture thread and its consumer.
-pub const DEFAULT_QUEUE: usize = 1024;
+pub const DEFAULT_QUEUE: usize = 4096;
 /// Frames handled per loop turn before the thread checks for shutdown and statistics.
 pub const BATCH: usize = 64;
 /// Read timeout: how long a quiet capture thread sleeps before it looks at its stop flag (a
@@ -45,10 +52,6 @@ const STATS_EVERY: Duration = Duration::from_secs(1);
 const ARENA_CHUNK: usize = 256 * 1024;
 /// Shortest frame worth passing on: an Ethernet header.
 const MIN_FRAME: usize = 14;
-/// The injection handle never captures; keep its ring small.
-const INJECT_BUFFER_SIZE: i32 = 64 * 1024;
-/// A kernel filter no frame passes (every Ethernet frame is longer than one byte).
-const REJECT_ALL: &str = "less 1";
 /// Kernel-side direction filter; `Direction::In` alone is applied in user space by libpcap.
 const INBOUND: &str = "inbound";
 /// Name of the capture thread.
@@ -64,6 +67,16 @@ pub struct CaptureConfig {
     /// Frames that may wait between the capture thread and [`CaptureRx::recv`]; more are
     /// dropped (and counted).
     pub queue: usize,
+}
+
+impl CaptureConfig {
+    /// Default settings, with the snaplen cut to whole frames of a bridge with `mtu`.
+    pub fn for_mtu(mtu: u32) -> Self {
+        CaptureConfig {
+            snaplen: mtu.saturating_add(L2_OVERHEAD).min(DEFAULT_SNAPLEN),
+            ..CaptureConfig::default()
+        }
+    }
 }
 
 impl Default for CaptureConfig {
@@ -86,6 +99,13 @@ pub enum CaptureError {
         iface: String,
         #[source]
         source: pcap::Error,
+    },
+    #[error("{op} {iface}: {source}")]
+    Io {
+        op: &'static str,
+        iface: String,
+        #[source]
+        source: io::Error,
     },
     #[error("cannot start the capture thread for {iface}: {source}")]
     Thread {
@@ -112,6 +132,9 @@ pub struct CaptureStats {
     /// Frames read from libpcap by the capture thread.
     #[serde(skip)]
     pub captured: u64,
+    /// Frames longer than the snaplen, dropped rather than forwarded cut short.
+    #[serde(skip)]
+    pub truncated: u64,
 }
 
 /// Counters and the stop flag shared by the capture thread and its handles.
@@ -123,6 +146,7 @@ struct Shared {
     pcap_if_dropped: AtomicU64,
     queue_dropped: AtomicU64,
     captured: AtomicU64,
+    truncated: AtomicU64,
 }
 
 impl Shared {
@@ -137,6 +161,7 @@ impl Shared {
             packets_if_dropped: self.pcap_if_dropped.load(Ordering::Relaxed),
             queue_dropped,
             captured: self.captured.load(Ordering::Relaxed),
+            truncated: self.truncated.load(Ordering::Relaxed),
         }
     }
 
@@ -188,18 +213,7 @@ impl Capture {
             tracing::debug!(%iface, error = %e, "no kernel-side inbound filter");
         }
 
-        let mut writer = pcap::Capture::from_device(iface)
-            .map_err(pcap_err("open injection handle on"))?
-            .promisc(false)
-            .snaplen(MIN_FRAME as i32)
-            .buffer_size(INJECT_BUFFER_SIZE)
-            .immediate_mode(true)
-            .open()
-            .map_err(pcap_err("activate injection handle on"))?;
-        if let Err(e) = writer.filter(REJECT_ALL, true) {
-            // Harmless: the handle's ring fills up and the kernel drops what it cannot hold.
-            tracing::debug!(%iface, error = %e, "injection handle keeps capturing");
-        }
+        let injector = Injector::open(iface)?;
 
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::channel(config.queue);
@@ -221,10 +235,6 @@ impl Capture {
             shared,
             breaker,
             thread: Some(thread),
-        };
-        let injector = Injector {
-            iface: Arc::from(iface),
-            handle: Arc::new(Mutex::new(writer)),
         };
         Ok((capture, injector))
     }
@@ -324,6 +334,10 @@ fn capture_loop(
             if frame.len() < MIN_FRAME {
                 return;
             }
+            if packet.header.caplen < packet.header.len {
+                shared.truncated.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             // Copy only once there is room for the frame.
             match tx.try_reserve() {
                 Ok(permit) => {
@@ -361,45 +375,6 @@ fn refresh_stats(reader: &mut pcap::Capture<Active>, shared: &Shared, iface: &st
     }
 }
 
-/// Sends frames out of the interface (into the bridge, for `vethwe-pcap`). Cheap to clone;
-/// usable from any thread. Injected frames are outbound there, so the capture never sees them.
-#[derive(Clone)]
-pub struct Injector {
-    iface: Arc<str>,
-    handle: Arc<Mutex<pcap::Capture<Active>>>,
-}
-
-impl std::fmt::Debug for Injector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Injector")
-            .field("iface", &self.iface)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Injector {
-    /// Send one Ethernet frame (blocking, but only for the copy into the kernel).
-    pub fn inject(&self, frame: &[u8]) -> Result<(), CaptureError> {
-        // A poisoned lock only means another sender panicked; the handle itself is fine.
-        let mut handle = self
-            .handle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        handle
-            .sendpacket(frame)
-            .map_err(|source| CaptureError::Pcap {
-                op: "inject a frame into",
-                iface: self.iface.to_string(),
-                source,
-            })
-    }
-
-    /// The interface frames go out of.
-    pub fn iface(&self) -> &str {
-        &self.iface
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,6 +387,7 @@ mod tests {
             packets_if_dropped: 1,
             queue_dropped: 1,
             captured: 7,
+            truncated: 0,
         };
         let json = serde_json::to_string(&stats).unwrap_or_default();
         assert_eq!(
@@ -433,6 +409,13 @@ mod tests {
         assert_eq!(stats.packets_received, 10);
         assert_eq!(stats.packets_dropped, 5);
         assert_eq!(stats.queue_dropped, 2);
+    }
+
+    #[test]
+    fn snaplen_follows_the_bridge_mtu() {
+        assert_eq!(CaptureConfig::for_mtu(1376).snaplen, 1394);
+        assert_eq!(CaptureConfig::for_mtu(65535).snaplen, DEFAULT_SNAPLEN);
+        assert_eq!(CaptureConfig::for_mtu(u32::MAX).snaplen, DEFAULT_SNAPLEN);
     }
 
     #[test]
