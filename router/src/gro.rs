@@ -18,6 +18,8 @@
 //! passes through unchanged, in order: a frame that cannot be merged closes its flow's open
 //! frame so that later segments never overtake it.
 
+use crate::checksum::{fold, sum};
+
 /// Length of `struct virtio_net_hdr` (linux/virtio_net.h), which precedes every frame written
 /// to a packet socket with `PACKET_VNET_HDR`.
 pub const VNET_HDR_LEN: usize = 10;
@@ -382,35 +384,6 @@ fn segment_checksums_ok(frame: &[u8], seg: &Segment) -> bool {
 fn pseudo_header_sum(frame: &[u8], tcp_len: usize) -> u64 {
     let ip = &frame[ETH_LEN..];
     sum(&ip[12..20], u64::from(IP_PROTO_TCP) + tcp_len as u64)
-}
-
-/// Ones'-complement sum of `data` as big-endian 16-bit words (odd length padded with zero),
-/// added to `initial`; unfolded.
-fn sum(data: &[u8], initial: u64) -> u64 {
-    let mut acc = initial;
-    let mut chunks = data.chunks_exact(8);
-    for c in &mut chunks {
-        let word = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        // Add the two 32-bit halves so the 64-bit accumulator cannot overflow.
-        acc += word >> 32;
-        acc += word & 0xffff_ffff;
-    }
-    let mut rest = chunks.remainder().chunks_exact(2);
-    for c in &mut rest {
-        acc += u64::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = rest.remainder() {
-        acc += u64::from(*last) << 8;
-    }
-    acc
-}
-
-/// Fold an unfolded sum to 16 bits.
-fn fold(mut acc: u64) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
 }
 
 #[cfg(test)]

@@ -20,9 +20,11 @@ pub mod api;
 pub mod api_types;
 pub mod bridge;
 pub mod capture;
+pub mod checksum;
 pub mod client;
 mod control;
 pub mod gro;
+pub mod icmp;
 pub mod iptables;
 pub mod mac_cache;
 pub mod mesh;
@@ -220,7 +222,10 @@ pub async fn run(
             tracing::error!(error = %e, "data plane stopped: containers cannot reach other hosts");
         }
     });
-    let events = std::mem::replace(&mut running.events, tokio::sync::mpsc::channel(1).1);
+    let events = std::mem::replace(
+        &mut running.events,
+        tokio::sync::mpsc::unbounded_channel().1,
+    );
     let translate = tokio::spawn(feed_data_plane(events, dp_tx, config.port));
     let watch_status = tokio::spawn(watch_data_plane(
         dp_status,
@@ -252,7 +257,7 @@ pub async fn run(
 /// Turns what the mesh reports into data-plane commands. The dialling side knows the peer's
 /// UDP address (its TCP address, mesh port); the listening side learns it from heartbeats.
 async fn feed_data_plane(
-    mut events: tokio::sync::mpsc::Receiver<mesh_shell::MeshEvent>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<mesh_shell::MeshEvent>,
     data_plane: tokio::sync::mpsc::Sender<sleeve_shell::DataPlaneCommand>,
     port: u16,
 ) {

@@ -66,7 +66,6 @@ const ACCEPT_INTERVAL: Duration = Duration::from_millis(50);
 /// Queue sizes.
 const TO_MESH_QUEUE: usize = 256;
 const TO_CONN_QUEUE: usize = 64;
-const EVENT_QUEUE: usize = 256;
 const COMMAND_QUEUE: usize = 16;
 /// The overlay every connection uses.
 const OVERLAY: &str = "sleeve";
@@ -288,7 +287,7 @@ pub async fn resolve_peers(specs: &[String], port: u16) -> Result<Vec<DirectPeer
 pub struct RunningMesh {
     pub handle: MeshHandle,
     /// For the sleeve shell (drain it: a full queue drops events).
-    pub events: mpsc::Receiver<MeshEvent>,
+    pub events: mpsc::UnboundedReceiver<MeshEvent>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -317,7 +316,7 @@ pub async fn start(
     hs.kdf = config.kdf;
     let (to_mesh, from_conns) = mpsc::channel(TO_MESH_QUEUE);
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
-    let (event_tx, events) = mpsc::channel(EVENT_QUEUE);
+    let (event_tx, events) = mpsc::unbounded_channel();
     let ctx = Arc::new(ConnCtx {
         hs,
         trusted_subnets: config.trusted_subnets.clone(),
@@ -714,7 +713,7 @@ struct Mesh {
     surrogate: SurrogateFilter,
     terminations: u64,
     status: watch::Sender<StatusSnapshot>,
-    events: mpsc::Sender<MeshEvent>,
+    events: mpsc::UnboundedSender<MeshEvent>,
 }
 
 impl Mesh {
@@ -722,7 +721,7 @@ impl Mesh {
         config: MeshConfig,
         ctx: Arc<ConnCtx>,
         status: watch::Sender<StatusSnapshot>,
-        events: mpsc::Sender<MeshEvent>,
+        events: mpsc::UnboundedSender<MeshEvent>,
         initial: Vec<DirectPeer>,
     ) -> Self {
         let now = Instant::now();
@@ -854,8 +853,10 @@ impl Mesh {
     }
 
     fn emit(&self, ev: MeshEvent) {
-        if self.events.try_send(ev).is_err() {
-            tracing::debug!("mesh event queue full or closed: event dropped");
+        // Unbounded: these carry state (peers up/down, keys, routes) the data plane must not
+        // miss, they come at control-plane rate, and their consumer only forwards them.
+        if self.events.send(ev).is_err() {
+            tracing::debug!("mesh events have no consumer");
         }
     }
 
@@ -1567,7 +1568,9 @@ mod tests {
 
     /// The next `ConnectionUp` on `events` (other events may come first): (remote, conn UID,
     /// UDP encrypted).
-    async fn next_connection_up(events: &mut mpsc::Receiver<MeshEvent>) -> (PeerName, u64, bool) {
+    async fn next_connection_up(
+        events: &mut mpsc::UnboundedReceiver<MeshEvent>,
+    ) -> (PeerName, u64, bool) {
         loop {
             match tokio::time::timeout(Duration::from_secs(20), events.recv()).await {
                 Ok(Some(MeshEvent::ConnectionUp {

@@ -15,9 +15,10 @@
 //! changes); an EMSGSIZE on the DF path reads the kernel's path MTU and feeds
 //! [`Forwarder::note_path_mtu`].
 //!
-//! Not done yet: ICMP "fragmentation needed" synthesis and in-router IPv4 fragmentation
-//! (spec §4.8) — frames over the DF path's limit that carry IPv4 DF are dropped and counted
-//! (`frame_too_big`); other oversized frames go on the kernel-fragmented path.
+//! Frames over the DF path's limit that carry IPv4 DF are dropped, counted (`frame_too_big`)
+//! and answered with ICMP "fragmentation needed" ([`crate::icmp`], spec §4.8); other oversized
+//! frames go on the kernel-fragmented path. Not done: in-router IPv4 fragmentation for paths
+//! where kernel fragmentation does not get through.
 
 mod sys;
 
@@ -36,6 +37,7 @@ use tokio::time::Instant;
 
 use crate::capture::{Capture, CaptureConfig, CaptureError, CaptureStats, Injector};
 use crate::gro::Coalescer;
+use crate::icmp;
 use crate::mac_cache::{
     decide_captured, decide_received, flood_targets, CaptureDecision, Discard, Learned, MacCache,
     Owner, ReceiveDecision,
@@ -48,6 +50,8 @@ use crate::sleeve::{
     SessionKeys,
 };
 
+/// Ethernet header: the difference between a frame and the IP packet it carries.
+const ETH_HEADER_LEN: usize = 14;
 /// Most captured frames or received datagrams handled per loop turn.
 pub const BATCH: usize = 64;
 /// Receive buffer: the largest UDP payload.
@@ -330,11 +334,6 @@ pub async fn run_data_plane(
     result
 }
 
-/// Does `frame` carry IPv4 with the DF bit set?
-fn ipv4_df(frame: &[u8]) -> bool {
-    frame.get(12..14) == Some(&[0x08, 0x00]) && frame.get(20).is_some_and(|b| b & 0x40 != 0)
-}
-
 impl Plane {
     fn snapshot(&self, capture: CaptureStats) -> DataPlaneStatus {
         let peers = self
@@ -559,9 +558,10 @@ impl Plane {
         };
         let df = if frame.len() <= peer.fwd.max_frame_len(true) {
             true
-        } else if ipv4_df(frame) {
-            // Needs ICMP "fragmentation needed" (not yet).
+        } else if icmp::ipv4_df(frame) {
             self.drops.frame_too_big += 1;
+            let mtu = peer.fwd.max_frame_len(true).saturating_sub(ETH_HEADER_LEN);
+            self.answer_frag_needed(src, dst, frame, u16::try_from(mtu).unwrap_or(u16::MAX));
             return;
         } else {
             false
@@ -580,6 +580,38 @@ impl Plane {
                 self.drops.forwarder_refused += 1;
                 tracing::trace!(peer = %hop, reason = reason.as_str(), "sleeve: frame refused");
             }
+        }
+    }
+
+    /// `frame` (IPv4 with DF, from peer `src` to peer `dst`) does not fit the path: answer its
+    /// sender with ICMP "fragmentation needed" as if from `dst` — injected here when we
+    /// captured it, else sent back toward `src`. Broadcasts are only dropped.
+    fn answer_frag_needed(&mut self, src: PeerName, dst: PeerName, frame: &[u8], mtu: u16) {
+        if frame.first().is_some_and(|b| b & 1 != 0) {
+            return;
+        }
+        let Some(reply) = icmp::frag_needed(frame, mtu) else {
+            return;
+        };
+        tracing::debug!(%dst, %src, pmtu = mtu, "sleeve: sending ICMP 3,4 (dst -> src)");
+        if src == self.me {
+            self.to_inject.push(&reply);
+            return;
+        }
+        let Some(peer) = self
+            .routes
+            .unicast
+            .get(&src)
+            .and_then(|hop| self.peers.get_mut(hop))
+        else {
+            self.drops.no_route += 1;
+            return;
+        };
+        match peer.fwd.queue_frame(dst, src, &reply, false) {
+            Ok(()) => {
+                self.dirty.insert(peer.fwd.config().remote);
+            }
+            Err(_) => self.drops.forwarder_refused += 1,
         }
     }
 
@@ -884,19 +916,5 @@ mod tests {
         assert_eq!(r.unicast.get(&name(3)), Some(&name(2)));
         assert_eq!(r.broadcast.get(&name(1)), Some(&vec![name(2)]));
         assert_eq!(r.broadcast.get(&name(3)), Some(&vec![]));
-    }
-
-    #[test]
-    fn ipv4_df_bit() {
-        let mut frame = vec![0u8; 34];
-        frame[12] = 0x08;
-        frame[14] = 0x45;
-        assert!(!ipv4_df(&frame));
-        frame[20] = 0x40;
-        assert!(ipv4_df(&frame));
-        frame[12] = 0x86;
-        frame[13] = 0xdd;
-        assert!(!ipv4_df(&frame));
-        assert!(!ipv4_df(&[0x08; 10]));
     }
 }
