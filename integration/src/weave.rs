@@ -1,6 +1,7 @@
 //! Steps the multi-host tests share: launching weave on a host and reading its mesh status.
 
 use anyhow::{Context, Result};
+use serde_json::Value;
 
 use crate::{eventually, patience, Host};
 
@@ -22,6 +23,30 @@ pub fn launch(h: &Host, args: &[&str]) -> Result<()> {
 /// `weave status <sub>` on `h`.
 pub fn status(h: &Host, sub: &str) -> Result<String> {
     Ok(h.weave(["status", sub])?.ok()?.stdout)
+}
+
+/// `weave report`, parsed.
+pub fn report(h: &Host) -> Result<Value> {
+    let out = h.weave(["report"])?.ok()?;
+    serde_json::from_str(&out.stdout).with_context(|| format!("report is not JSON: {out}"))
+}
+
+/// The peer name of the router on `h`.
+pub fn peer_name(h: &Host) -> Result<String> {
+    Ok(h.weave(["report", "-f", "{{.Router.Name}}"])?
+        .ok()?
+        .stdout_trim()
+        .to_string())
+}
+
+/// The `Via` of the unicast route to peer `dest` in `h`'s report, if it has one.
+pub fn unicast_via(h: &Host, dest: &str) -> Result<Option<String>> {
+    let report = report(h)?;
+    Ok(report["Router"]["UnicastRoutes"]
+        .as_array()
+        .and_then(|routes| routes.iter().find(|r| r["Dest"] == dest))
+        .and_then(|r| r["Via"].as_str())
+        .map(str::to_string))
 }
 
 /// Waits until `h` has an established connection with the host at `ip`; returns its line.

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use weave_integration::weave::{
-    launch, launch_pair_with, status, underlay as addr, wait_established,
+    launch, launch_pair_with, peer_name, status, underlay as addr, unicast_via, wait_established,
 };
 use weave_integration::{eventually, patience, Background, Cluster, Host, Out, UNDERLAY_IFACE};
 
@@ -493,6 +493,110 @@ fn tcp_fits_itself_to_a_smaller_underlay_mtu() -> Result<()> {
             .and_then(|m| m.parse().ok())
             .with_context(|| format!("no mtu= in {line:?}"))?;
         ensure!(mtu < 1300 - 28, "the MTU must follow the path: {line}");
+        Ok(())
+    })
+}
+
+/// `h` has no established connection with the host at `ip`.
+fn not_established(h: &Host, ip: &str, why: &str) -> Result<()> {
+    let text = status(h, "connections")?;
+    ensure!(
+        !text
+            .lines()
+            .any(|l| l.contains(&format!(" {ip}:")) && l.contains("established")),
+        "{} must have no established connection with {ip} ({why}):\n{text}",
+        h.name()
+    );
+    Ok(())
+}
+
+/// Waits until `h`'s unicast route to peer `dest` goes via peer `via`.
+fn wait_route(h: &Host, dest: &str, via: &str) -> Result<()> {
+    eventually(
+        &format!("{}'s route to {dest} via {via}", h.name()),
+        patience(),
+        || {
+            let got = unicast_via(h, dest)?;
+            ensure!(
+                got.as_deref() == Some(via),
+                "route to {dest} via {got:?}, not {via}"
+            );
+            Ok(())
+        },
+    )
+}
+
+/// One ping from container `from` on `h` to `target` must get through within `tries` quick
+/// attempts: no time for the mesh to notice a change and re-route.
+fn pings_at_once(h: &Host, from: &str, target: &str, tries: u32, why: &str) -> Result<()> {
+    let mut last = None;
+    for _ in 0..tries {
+        let out = ping(h, from, target)?;
+        if out.success() {
+            return Ok(());
+        }
+        last = Some(out);
+    }
+    bail!(
+        "{from} on {} must reach {target} at once ({why}); last attempt:\n{}",
+        h.name(),
+        last.map(|o| o.to_string()).unwrap_or_default()
+    )
+}
+
+#[test]
+fn routes_switch_back_to_direct_when_the_underlay_heals() -> Result<()> {
+    let cluster = Cluster::new(3)?;
+    cluster.scenario(|c| {
+        let (h1, h2, h3) = (c.host(0), c.host(1), c.host(2));
+        let (a1, a2, a3) = (addr(h1)?, addr(h2)?, addr(h3)?);
+        c.partition(0, 2)?;
+        launch(h1, &[])?;
+        launch(h2, &[&a1])?;
+        launch(h3, &[&a2])?;
+        wait_established(h2, &a1)?;
+        wait_established(h3, &a2)?;
+        let (n1, n2, n3) = (peer_name(h1)?, peer_name(h2)?, peer_name(h3)?);
+        container(h1, "heal-left", "10.35.1.1/24")?;
+        container(h3, "heal-right", "10.35.1.3/24")?;
+        wait_ping(h1, "heal-left", "10.35.1.3")?;
+        wait_ping(h3, "heal-right", "10.35.1.1")?;
+        // Relayed: no direct connection, and each routes to the other via h2.
+        not_established(h1, &a3, "partitioned")?;
+        not_established(h3, &a1, "partitioned")?;
+        wait_route(h1, &n3, &n2)?;
+        wait_route(h3, &n1, &n2)?;
+
+        // Discovery alone reconnects them: each keeps dialling the other (backoff from 2 s,
+        // growing by half; a dial gives up after 10 s), so a dial is nearly always in flight and
+        // its SYN retransmission gets through about a second after the heal, even after a
+        // minute's partition. No `weave connect` needed.
+        c.heal(0, 2)?;
+        wait_established(h1, &a3)?;
+        wait_established(h3, &a1)?;
+        wait_route(h1, &n3, &n3)?;
+        wait_route(h3, &n1, &n1)?;
+        wait_ping(h1, "heal-left", "10.35.1.3")?;
+        wait_ping(h3, "heal-right", "10.35.1.1")?;
+
+        // The traffic really goes direct: cut h1 off h2, and the containers still talk at
+        // once, before the mesh could notice the cut (h1 still lists h2 as established).
+        c.partition(0, 1)?;
+        let cut = h1.run("ping", ["-c1", "-W1", &a2])?;
+        ensure!(!cut.success(), "h1 and h2 must be partitioned: {cut}");
+        pings_at_once(h1, "heal-left", "10.35.1.3", 3, "direct route")?;
+        pings_at_once(h3, "heal-right", "10.35.1.1", 3, "direct route")?;
+        let text = status(h1, "connections")?;
+        ensure!(
+            text.lines()
+                .any(|l| l.contains(&format!(" {a2}:")) && l.contains("established")),
+            "h1 must not have noticed the cut yet (else the pings prove nothing):\n{text}"
+        );
+        ensure!(
+            unicast_via(h1, &n3)?.as_deref() == Some(n3.as_str()),
+            "h1 still routes to h3 directly: {:?}",
+            unicast_via(h1, &n3)?
+        );
         Ok(())
     })
 }

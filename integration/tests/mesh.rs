@@ -12,7 +12,7 @@ use serde_json::Value;
 use weave_integration::weave::{
     launch, launch_pair, launch_pair_with, status, underlay as addr, wait_established,
 };
-use weave_integration::{eventually, patience, Cluster, Host};
+use weave_integration::{eventually, patience, Cluster, GiveUp, Host};
 
 /// `weave status`.
 fn summary(h: &Host) -> Result<String> {
@@ -471,6 +471,98 @@ fn no_discovery_dials_only_the_peers_given() -> Result<()> {
             summary(h3)?.contains(" Connections: 1 (1 established)\n"),
             "h3 has just its connection to h2:\n{}",
             summary(h3)?
+        );
+        Ok(())
+    })
+}
+
+/// `--conn-limit 1` on h1: h2 and h3 both dial it, and exactly one of them gets in (whichever
+/// handshake completes first); h1 refuses the other, retry after retry, and logs why.
+#[test]
+fn conn_limit_refuses_connections_beyond_the_limit() -> Result<()> {
+    let cluster = Cluster::new(3)?;
+    cluster.scenario(|c| {
+        let (h1, h2, h3) = (c.host(0), c.host(1), c.host(2));
+        let (a1, a2, a3) = (addr(h1)?, addr(h2)?, addr(h3)?);
+        launch(h1, &["--conn-limit", "1"])?;
+        launch(h2, &[&a1])?;
+        launch(h3, &[&a1])?;
+        // Either may win the race.
+        let (winner, loser, a_winner, a_loser) =
+            eventually("one of h2 and h3 established with h1", patience(), || {
+                let two = connection_to(h2, &a1)?.is_some_and(|l| l.contains("established"));
+                let three = connection_to(h3, &a1)?.is_some_and(|l| l.contains("established"));
+                match (two, three) {
+                    (true, false) => Ok((h2, h3, &a2, &a3)),
+                    (false, true) => Ok((h3, h2, &a3, &a2)),
+                    (true, true) => Err(GiveUp(format!(
+                        "both got in past a limit of 1:\n{}",
+                        status(h1, "connections")?
+                    ))
+                    .into()),
+                    (false, false) => anyhow::bail!("neither yet"),
+                }
+            })?;
+        wait_established(h1, a_winner)?;
+        // h1 logs the refusal, naming the loser's address; and the loser keeps retrying.
+        let refusals = |logs: &str| {
+            logs.lines()
+                .filter(|l| {
+                    l.contains("Connection limit reached (1)") && l.contains(&format!("{a_loser}:"))
+                })
+                .count()
+        };
+        eventually("h1 refuses the loser twice", patience(), || {
+            let logs = h1.docker(["logs", "weave"])?.ok()?.combined();
+            // Meanwhile, at every look (else fail at once): one connection on h1, none
+            // established on the loser.
+            let text = status(h1, "connections")?;
+            let lines: Vec<&str> = text.lines().collect();
+            if !(lines.len() == 1
+                && lines[0].contains(&format!(" {a_winner}:"))
+                && lines[0].contains("established"))
+            {
+                return Err(GiveUp(format!(
+                    "h1 must have just its connection with {a_winner}:\n{text}"
+                ))
+                .into());
+            }
+            let line = connection_to(loser, &a1)?;
+            if line.as_ref().is_none_or(|l| l.contains("established")) {
+                return Err(GiveUp(format!(
+                    "{} must still try h1 and never get in: {line:?}",
+                    loser.name()
+                ))
+                .into());
+            }
+            let n = refusals(&logs);
+            ensure!(n >= 2, "{n} refusal(s) of {a_loser} in h1's logs:\n{logs}");
+            Ok(())
+        })?;
+        // The loser sees h1 hang up after the handshake, and says so.
+        eventually(
+            &format!("{} shows h1 hanging up", loser.name()),
+            patience(),
+            || {
+                let line = connection_to(loser, &a1)?.context("no line for h1")?;
+                ensure!(
+                    !line.contains("established")
+                        && line.contains("connection closed by the remote"),
+                    "{line}"
+                );
+                Ok(())
+            },
+        )?;
+        ensure!(
+            connection_to(winner, &a1)?.is_some_and(|l| l.contains("established")),
+            "{} keeps its connection with h1: {}",
+            winner.name(),
+            status(winner, "connections")?
+        );
+        let summary = summary(h1)?;
+        ensure!(
+            summary.contains(" Connections: 1 (1 established)\n"),
+            "h1 at its limit:\n{summary}"
         );
         Ok(())
     })

@@ -212,16 +212,7 @@ pub async fn run(
     data_plane_config.capture = capture::CaptureConfig::for_mtu(config.mtu);
     let interface = format!("{} (via pcap)", data_plane_config.capture_iface);
     let (stop_data_plane, data_plane_stopped) = tokio::sync::oneshot::channel::<()>();
-    let data_plane = tokio::spawn(async move {
-        let stopped = async {
-            let _ = data_plane_stopped.await;
-        };
-        if let Err(e) =
-            sleeve_shell::run_data_plane(data_plane_config, dp_rx, dp_status_tx, stopped).await
-        {
-            tracing::error!(error = %e, "data plane stopped: containers cannot reach other hosts");
-        }
-    });
+    let data_plane = spawn_data_plane(data_plane_config, dp_rx, dp_status_tx, data_plane_stopped);
     let events = std::mem::replace(
         &mut running.events,
         tokio::sync::mpsc::unbounded_channel().1,
@@ -244,7 +235,9 @@ pub async fn run(
     translate.abort();
     watch_status.abort();
     let _ = stop_data_plane.send(());
-    let _ = tokio::time::timeout(CONTROL_GRACE, data_plane).await;
+    if let Some(done) = data_plane {
+        let _ = tokio::time::timeout(CONTROL_GRACE, done).await;
+    }
     // Every handle is gone with the server, so the owner stops after the command in flight.
     let abort = owner.abort_handle();
     if tokio::time::timeout(CONTROL_GRACE, owner).await.is_err() {
@@ -252,6 +245,50 @@ pub async fn run(
     }
     tracing::info!("weave router stopped");
     Ok(())
+}
+
+/// Run the data plane on a thread of its own with a single-threaded runtime: every frame passes
+/// through that one task, so it gets one thread for the capture thread to wake, no hops between
+/// work-stealing workers, and no control-plane task (gossip, API) ahead of it in a queue.
+/// The thread inherits the calling thread's network namespace. Returns a receiver that
+/// resolves when the data plane has stopped, `None` if the thread could not start.
+fn spawn_data_plane(
+    config: sleeve_shell::DataPlaneConfig,
+    commands: tokio::sync::mpsc::Receiver<sleeve_shell::DataPlaneCommand>,
+    status: watch::Sender<sleeve_shell::DataPlaneStatus>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("weave-sleeve".to_string())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the data plane's runtime");
+                    return;
+                }
+            };
+            let stopped = async {
+                let _ = stop.await;
+            };
+            let result =
+                runtime.block_on(sleeve_shell::run_data_plane(config, commands, status, stopped));
+            if let Err(e) = result {
+                tracing::error!(error = %e, "data plane stopped: containers cannot reach other hosts");
+            }
+            let _ = done_tx.send(());
+        });
+    match spawned {
+        Ok(_) => Some(done),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the data plane thread: containers cannot reach other hosts");
+            None
+        }
+    }
 }
 
 /// Turns what the mesh reports into data-plane commands. The dialling side knows the peer's
