@@ -275,19 +275,23 @@ fn password_hides_container_traffic_on_the_wire() -> Result<()> {
     Ok(())
 }
 
+/// Both payloads `capture_across` sends must be in `captured` (`when`: the setting under test).
+fn payloads_visible(captured: &[u8], when: &str) -> Result<()> {
+    ensure!(
+        contains(captured, &PING_PATTERN),
+        "the ping payload pattern must be visible on the underlay {when}"
+    );
+    ensure!(
+        contains(captured, TCP_MARKER.as_bytes()),
+        "the TCP payload must be visible on the underlay {when}"
+    );
+    Ok(())
+}
+
 #[test]
 fn without_password_container_traffic_is_visible_on_the_wire() -> Result<()> {
     // The control of the test above: the same check finds the payloads when nothing encrypts.
-    let captured = capture_across(&[])?;
-    ensure!(
-        contains(&captured, &PING_PATTERN),
-        "the ping payload pattern must be visible on the underlay without a password"
-    );
-    ensure!(
-        contains(&captured, TCP_MARKER.as_bytes()),
-        "the TCP payload must be visible on the underlay without a password"
-    );
-    Ok(())
+    payloads_visible(&capture_across(&[])?, "without a password")
 }
 
 #[test]
@@ -434,15 +438,7 @@ fn trusted_subnets_leave_container_traffic_visible_on_the_wire() -> Result<()> {
     // A password, but both hosts trust the underlay's subnet: the sleeve (UDP) goes in
     // plaintext, as in Weave; only the mesh's TCP stays encrypted.
     let captured = capture_across(&["--password", "s3cret", "--trusted-subnets", "192.0.2.0/24"])?;
-    ensure!(
-        contains(&captured, &PING_PATTERN),
-        "the ping payload pattern must be visible on the underlay between trusting peers"
-    );
-    ensure!(
-        contains(&captured, TCP_MARKER.as_bytes()),
-        "the TCP payload must be visible on the underlay between trusting peers"
-    );
-    Ok(())
+    payloads_visible(&captured, "between trusting peers")
 }
 
 #[test]

@@ -1129,15 +1129,14 @@ impl Mesh {
         let terminations = self.terminations;
         self.status.send_if_modified(|s| {
             let r = &mut s.router;
-            let before = (
-                r.encryption,
-                r.peer_discovery,
-                r.peers.clone(),
-                r.connections.clone(),
-                r.targets.clone(),
-                r.termination_count,
-                r.trusted_subnets.clone(),
-            );
+            // Routes follow from peers and connections: no need to compare them.
+            let changed = r.encryption != encryption
+                || r.peer_discovery != discovery
+                || r.peers != peers
+                || r.connections != connections
+                || r.targets != targets
+                || r.termination_count != terminations
+                || r.trusted_subnets != trusted;
             r.protocol_min_version = crate::mesh::handshake::PROTOCOL_MIN_VERSION;
             r.protocol_max_version = crate::mesh::handshake::PROTOCOL_MAX_VERSION;
             r.encryption = encryption;
@@ -1149,16 +1148,7 @@ impl Mesh {
             r.targets = targets;
             r.termination_count = terminations;
             r.trusted_subnets = trusted;
-            before
-                != (
-                    r.encryption,
-                    r.peer_discovery,
-                    r.peers.clone(),
-                    r.connections.clone(),
-                    r.targets.clone(),
-                    r.termination_count,
-                    r.trusted_subnets.clone(),
-                )
+            changed
         });
     }
 
