@@ -9,6 +9,7 @@ PACKAGES=(
   docker.io docker-compose         # dockerd + docker CLI 20.10, compose v1
   busybox-static                   # the test image is built from it
   iproute2 iptables util-linux     # ip netns, veth, bridges; nsenter, unshare
+  nftables                         # e2e: drop IP fragments at a device's ingress
   iputils-ping ethtool tcpdump iperf3
   libpcap-dev pkg-config           # the router captures with libpcap
   libc6-dev                        # libc.a: weavewait (/w/w) is linked statically

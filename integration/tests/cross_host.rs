@@ -8,7 +8,8 @@
 //! - restarting a router (`weave stop` + `weave launch`) lets traffic resume;
 //! - UDP across hosts;
 //! - TCP fits itself to an underlay MTU smaller than the containers' (ICMP "fragmentation
-//!   needed" from the router);
+//!   needed" from the router), and big pings cross one that drops IP fragments (the router
+//!   fragments);
 //! - subnets stay isolated across hosts.
 //!
 //! Container names have two characters at least: dockerd refuses shorter ones.
@@ -593,6 +594,65 @@ fn routes_switch_back_to_direct_when_the_underlay_heals() -> Result<()> {
             "h1 still routes to h3 directly: {:?}",
             unicast_via(h1, &n3)?
         );
+        Ok(())
+    })
+}
+
+#[test]
+fn big_pings_cross_an_underlay_that_drops_ip_fragments() -> Result<()> {
+    // The containers' stack cuts an 8000-byte ping into 1376-byte fragments (no DF), which a
+    // 1300-byte underlay cannot carry in one datagram. The kernel would fragment our UDP, but
+    // both hosts drop IP fragments: the sleeve's fragmentation test fails, and the router must
+    // cut the inner IPv4 packets itself so that every piece crosses whole.
+    let cluster = Cluster::new(2)?;
+    cluster.scenario(|c| {
+        let (h1, h2) = (c.host(0), c.host(1));
+        for h in [h1, h2] {
+            h.run("ip", ["link", "set", UNDERLAY_IFACE, "mtu", "1300"])?
+                .ok()?;
+            // Dropped at the device's ingress hook, before netfilter's defragmentation could put
+            // them together: every IPv4 packet with more-fragments set, so no fragmented
+            // datagram survives.
+            let hook =
+                format!("{{ type filter hook ingress device {UNDERLAY_IFACE} priority -500; }}");
+            for args in [
+                vec!["add", "table", "netdev", "weave_test"],
+                vec!["add", "chain", "netdev", "weave_test", "ingress", &hook],
+                vec![
+                    "add",
+                    "rule",
+                    "netdev",
+                    "weave_test",
+                    "ingress",
+                    "ip",
+                    "frag-off",
+                    "&",
+                    "0x2000",
+                    "!=",
+                    "0",
+                    "drop",
+                ],
+            ] {
+                h.run("nft", &args)?.ok()?;
+            }
+        }
+        launch_pair_with(h1, h2, &[])?;
+        container(h1, "frag-left", "10.35.1.1/24")?;
+        container(h2, "frag-right", "10.35.1.2/24")?;
+        wait_ping(h2, "frag-right", "10.35.1.1")?;
+        eventually("ping -s 8000 across", patience(), || {
+            h2.docker([
+                "exec",
+                "frag-right",
+                "ping",
+                "-c1",
+                "-W2",
+                "-s",
+                "8000",
+                "10.35.1.1",
+            ])?
+            .ok()
+        })?;
         Ok(())
     })
 }

@@ -23,6 +23,7 @@ pub mod capture;
 pub mod checksum;
 pub mod client;
 mod control;
+pub mod fragment;
 pub mod gro;
 pub mod icmp;
 pub mod iptables;

@@ -16,9 +16,9 @@
 //! [`Forwarder::note_path_mtu`].
 //!
 //! Frames over the DF path's limit that carry IPv4 DF are dropped, counted (`frame_too_big`)
-//! and answered with ICMP "fragmentation needed" ([`crate::icmp`], spec §4.8); other oversized
-//! frames go on the kernel-fragmented path. Not done: in-router IPv4 fragmentation for paths
-//! where kernel fragmentation does not get through.
+//! and answered with ICMP "fragmentation needed" ([`crate::icmp`], spec §4.8). Oversized IPv4
+//! without DF is cut up by us ([`crate::fragment`]) while the peer's fragmentation test has not
+//! passed; other oversized frames go on the kernel-fragmented path.
 
 mod sys;
 
@@ -36,6 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::capture::{Capture, CaptureConfig, CaptureError, CaptureStats, Injector};
+use crate::fragment;
 use crate::gro::Coalescer;
 use crate::icmp;
 use crate::mac_cache::{
@@ -549,24 +550,43 @@ impl Plane {
         }
     }
 
-    /// Queue `frame` (original source `src`, final destination `dst`) on the forwarder of
-    /// neighbour `hop`, flushing that forwarder first when its queue is full.
+    /// Send `frame` (original source `src`, final destination `dst`) through neighbour `hop`:
+    /// on the DF path when it fits; else answered with ICMP (IPv4 with DF), cut up by us (IPv4
+    /// without DF while the peer does not get kernel-fragmented datagrams), or on the
+    /// kernel-fragmented path.
     async fn forward(&mut self, hop: PeerName, src: PeerName, dst: PeerName, frame: &[u8]) {
         let Some(peer) = self.peers.get_mut(&hop) else {
             self.drops.no_route += 1;
             return;
         };
-        let df = if frame.len() <= peer.fwd.max_frame_len(true) {
-            true
+        let limit = peer.fwd.max_frame_len(true);
+        if frame.len() <= limit {
+            self.queue(hop, src, dst, frame, true).await;
         } else if icmp::ipv4_df(frame) {
             self.drops.frame_too_big += 1;
-            let mtu = peer.fwd.max_frame_len(true).saturating_sub(ETH_HEADER_LEN);
+            let mtu = limit.saturating_sub(ETH_HEADER_LEN);
             self.answer_frag_needed(src, dst, frame, u16::try_from(mtu).unwrap_or(u16::MAX));
-            return;
+        } else if !peer.fwd.stack_frag() && fragment::fragmentable(frame) {
+            match fragment::fragment(frame, limit) {
+                Some(pieces) => {
+                    for piece in &pieces {
+                        self.queue(hop, src, dst, piece, true).await;
+                    }
+                }
+                None => self.drops.frame_too_big += 1,
+            }
         } else {
-            false
-        };
-        if peer.fwd.queued_frames() >= peer.fwd.config().queue_capacity {
+            self.queue(hop, src, dst, frame, false).await;
+        }
+    }
+
+    /// Queue `frame` on `hop`'s forwarder, flushing it first when its queue is full.
+    async fn queue(&mut self, hop: PeerName, src: PeerName, dst: PeerName, frame: &[u8], df: bool) {
+        if self
+            .peers
+            .get(&hop)
+            .is_some_and(|p| p.fwd.queued_frames() >= p.fwd.config().queue_capacity)
+        {
             self.flush(hop).await;
         }
         let Some(peer) = self.peers.get_mut(&hop) else {
