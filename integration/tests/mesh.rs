@@ -10,27 +10,14 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use weave_integration::weave::{
-    launch, launch_pair, launch_pair_with, status, underlay as addr, wait_established,
+    launch, launch_pair, launch_pair_with, peer_name, report, status, underlay as addr,
+    wait_established,
 };
 use weave_integration::{eventually, patience, Cluster, GiveUp, Host};
 
 /// `weave status`.
 fn summary(h: &Host) -> Result<String> {
     Ok(h.weave(["status"])?.ok()?.stdout)
-}
-
-/// The peer name of the router on `h`.
-fn peer_name(h: &Host) -> Result<String> {
-    Ok(h.weave(["report", "-f", "{{.Router.Name}}"])?
-        .ok()?
-        .stdout_trim()
-        .to_string())
-}
-
-/// `weave report`, parsed.
-fn report(h: &Host) -> Result<Value> {
-    let out = h.weave(["report"])?.ok()?;
-    serde_json::from_str(&out.stdout).with_context(|| format!("report is not JSON: {out}"))
 }
 
 /// The report's `Router.Connections` entry about `ip`.
@@ -564,6 +551,48 @@ fn conn_limit_refuses_connections_beyond_the_limit() -> Result<()> {
             summary.contains(" Connections: 1 (1 established)\n"),
             "h1 at its limit:\n{summary}"
         );
+        Ok(())
+    })
+}
+
+#[test]
+fn connections_stay_pending_while_udp_is_blocked() -> Result<()> {
+    // TCP 6783 works but the sleeve's UDP does not: the connection must show `pending`, as in
+    // Weave, until heartbeats get through both ways; then it becomes established.
+    let cluster = Cluster::new(2)?;
+    cluster.scenario(|c| {
+        let (h1, h2) = (c.host(0), c.host(1));
+        let (a1, a2) = (addr(h1)?, addr(h2)?);
+        let block = ["INPUT", "-p", "udp", "--dport", "6783", "-j", "DROP"];
+        for h in [h1, h2] {
+            h.run("iptables", ["-I"].iter().chain(&block))?.ok()?;
+        }
+        launch(h1, &[])?;
+        launch(h2, &[&a1])?;
+        eventually(
+            "h2's connection to h1 is up and pending",
+            patience(),
+            || {
+                let line = connection_to(h2, &a1)?.context("no connection yet")?;
+                ensure!(line.contains(" pending "), "{line}");
+                Ok(())
+            },
+        )?;
+        std::thread::sleep(Duration::from_secs(3));
+        for (h, ip) in [(h1, &a2), (h2, &a1)] {
+            let text = status(h, "connections")?;
+            ensure!(
+                !text.contains("established"),
+                "{} must not count a connection without UDP as established:\n{text}",
+                h.name()
+            );
+            ensure!(text.contains(ip.as_str()), "{}: {text}", h.name());
+        }
+        for h in [h1, h2] {
+            h.run("iptables", ["-D"].iter().chain(&block))?.ok()?;
+        }
+        wait_established(h1, &a2)?;
+        wait_established(h2, &a1)?;
         Ok(())
     })
 }
