@@ -726,13 +726,62 @@ struct UdpOut {
     df_mode: bool,
     /// Segmentation offload works here (cleared after the kernel refused it).
     gso: bool,
-    batch: Vec<u8>,
-    batch_to: Option<SocketAddrV4>,
-    /// Size of every datagram in the batch but a shorter last one.
+    batch: GsoBatch,
+}
+
+/// DF datagrams for one destination, all of one size but a shorter last one: what a single
+/// `UDP_SEGMENT` send can carry (pure).
+#[derive(Debug, Default)]
+struct GsoBatch {
+    bytes: Vec<u8>,
+    to: Option<SocketAddrV4>,
+    /// Size of every datagram but a shorter last one.
     segment: usize,
     segments: usize,
     /// A shorter datagram ended the batch.
-    batch_closed: bool,
+    closed: bool,
+}
+
+impl GsoBatch {
+    /// May a DF datagram of `size` bytes for `to` join (or start) the batch?
+    fn accepts(&self, to: SocketAddrV4, size: usize) -> bool {
+        match self.to {
+            None => size <= GSO_MAX_BYTES,
+            Some(batch_to) => {
+                batch_to == to
+                    && !self.closed
+                    && size <= self.segment
+                    && self.segments < GSO_MAX_SEGMENTS
+                    && self.bytes.len() + size <= GSO_MAX_BYTES
+            }
+        }
+    }
+
+    /// Add a datagram [`GsoBatch::accepts`] took.
+    fn push(&mut self, datagram: &[u8], to: SocketAddrV4) {
+        if self.to.is_none() {
+            self.to = Some(to);
+            self.segment = datagram.len();
+        } else if datagram.len() < self.segment {
+            self.closed = true;
+        }
+        self.bytes.extend_from_slice(datagram);
+        self.segments += 1;
+    }
+
+    /// Empty the batch: its destination, bytes, segment size and count (`None` if empty). Put
+    /// the bytes back with [`GsoBatch::recycle`] to keep the allocation.
+    fn take(&mut self) -> Option<(SocketAddrV4, Vec<u8>, usize, usize)> {
+        let to = self.to.take()?;
+        let segments = std::mem::take(&mut self.segments);
+        self.closed = false;
+        Some((to, std::mem::take(&mut self.bytes), self.segment, segments))
+    }
+
+    fn recycle(&mut self, mut bytes: Vec<u8>) {
+        bytes.clear();
+        self.bytes = bytes;
+    }
 }
 
 impl UdpOut {
@@ -741,47 +790,26 @@ impl UdpOut {
             socket,
             df_mode: true,
             gso: true,
-            batch: Vec::with_capacity(GSO_MAX_BYTES),
-            batch_to: None,
-            segment: 0,
-            segments: 0,
-            batch_closed: false,
+            batch: GsoBatch {
+                bytes: Vec::with_capacity(GSO_MAX_BYTES),
+                ..GsoBatch::default()
+            },
         }
     }
 
     /// May `t` go into the current batch (or start one)?
     fn batch_accepts(&self, t: &Transmit<SocketAddr>) -> bool {
-        let SocketAddr::V4(to) = t.destination else {
-            return false;
-        };
-        if !self.gso || !t.df {
-            return false;
-        }
-        match self.batch_to {
-            None => true,
-            Some(batch_to) => {
-                batch_to == to
-                    && !self.batch_closed
-                    && t.size <= self.segment
-                    && self.segments < GSO_MAX_SEGMENTS
-                    && self.batch.len() + t.size <= GSO_MAX_BYTES
-            }
+        match t.destination {
+            SocketAddr::V4(to) => self.gso && t.df && self.batch.accepts(to, t.size),
+            SocketAddr::V6(_) => false,
         }
     }
 
     /// Add a datagram `batch_accepts` took.
     fn add_to_batch(&mut self, datagram: &[u8], to: SocketAddr) {
-        let SocketAddr::V4(to) = to else {
-            return;
-        };
-        if self.batch_to.is_none() {
-            self.batch_to = Some(to);
-            self.segment = datagram.len();
-        } else if datagram.len() < self.segment {
-            self.batch_closed = true;
+        if let SocketAddr::V4(to) = to {
+            self.batch.push(datagram, to);
         }
-        self.batch.extend_from_slice(datagram);
-        self.segments += 1;
     }
 
     /// Send the batch, if any: one datagram plainly, several with `UDP_SEGMENT`; datagram by
@@ -792,22 +820,17 @@ impl UdpOut {
         fwd: &mut Forwarder<SocketAddr>,
         drops: &mut ShellDrops,
     ) {
-        let Some(to) = self.batch_to.take() else {
+        let Some((to, bytes, segment, segments)) = self.batch.take() else {
             return;
         };
-        let batch = std::mem::take(&mut self.batch);
-        let (segment, segments) = (self.segment, self.segments);
-        self.segments = 0;
-        self.batch_closed = false;
-        let sent_whole = segments > 1 && self.send_segments(&batch, segment, to).await;
+        let sent_whole = segments > 1 && self.send_segments(&bytes, segment, to).await;
         if !sent_whole {
-            for datagram in batch.chunks(segment.max(1)) {
+            for datagram in bytes.chunks(segment.max(1)) {
                 self.send(datagram, SocketAddr::V4(to), true, name, fwd, drops)
                     .await;
             }
         }
-        self.batch = batch;
-        self.batch.clear();
+        self.batch.recycle(bytes);
     }
 
     /// One `UDP_SEGMENT` send; false when the datagrams must go one by one instead.
@@ -901,6 +924,44 @@ mod tests {
             outbound,
             established: true,
         }
+    }
+
+    #[test]
+    fn gso_batches_equal_datagrams_for_one_destination() {
+        let a = SocketAddrV4::new([192, 0, 2, 11].into(), 6783);
+        let b = SocketAddrV4::new([192, 0, 2, 12].into(), 6783);
+        let mut batch = GsoBatch::default();
+        assert!(batch.take().is_none());
+        for _ in 0..3 {
+            assert!(batch.accepts(a, 1400));
+            batch.push(&[1; 1400], a);
+        }
+        assert!(!batch.accepts(b, 1400), "another destination");
+        assert!(!batch.accepts(a, 1401), "a larger datagram");
+        assert!(batch.accepts(a, 100), "a shorter last one");
+        batch.push(&[2; 100], a);
+        assert!(!batch.accepts(a, 100), "nothing after the shorter one");
+        let (to, bytes, segment, segments) = batch.take().expect("a batch");
+        assert_eq!((to, bytes.len(), segment, segments), (a, 4300, 1400, 4));
+        batch.recycle(bytes);
+        assert!(batch.accepts(b, 1400), "empty again");
+    }
+
+    #[test]
+    fn gso_batches_stay_within_the_kernel_limits() {
+        let a = SocketAddrV4::new([192, 0, 2, 11].into(), 6783);
+        let mut batch = GsoBatch::default();
+        while batch.accepts(a, 100) {
+            batch.push(&[0; 100], a);
+        }
+        assert_eq!(batch.segments, GSO_MAX_SEGMENTS);
+        let mut big = GsoBatch::default();
+        while big.accepts(a, 1400) {
+            big.push(&[0; 1400], a);
+        }
+        assert!(big.bytes.len() <= GSO_MAX_BYTES);
+        assert!(big.bytes.len() + 1400 > GSO_MAX_BYTES);
+        assert!(!GsoBatch::default().accepts(a, GSO_MAX_BYTES + 1));
     }
 
     #[test]
