@@ -132,6 +132,8 @@ struct Group {
 /// Merges consecutive TCP segments of a batch; see the module documentation.
 #[derive(Debug, Default)]
 pub struct Coalescer {
+    /// Off: every frame passes through on its own.
+    disabled: bool,
     groups: Vec<Group>,
     /// Buffers of drained groups, reused.
     spare: Vec<Vec<u8>>,
@@ -141,6 +143,12 @@ pub struct Coalescer {
 impl Coalescer {
     pub fn new() -> Self {
         Coalescer::default()
+    }
+
+    /// Stop merging (for good): when the kernel refuses merged frames, frames on their own
+    /// still get through.
+    pub fn disable(&mut self) {
+        self.disabled = true;
     }
 
     pub fn stats(&self) -> CoalesceStats {
@@ -155,6 +163,10 @@ impl Coalescer {
     /// in, except that segments merged into an earlier frame of their flow move up with it.
     pub fn push(&mut self, frame: &[u8]) {
         self.stats.frames_in += 1;
+        if self.disabled {
+            self.push_alone(frame, None);
+            return;
+        }
         let Some(seg) = parse_tcp(frame) else {
             self.push_alone(frame, None);
             return;
@@ -538,6 +550,21 @@ mod tests {
         assert_eq!(resegment(frame, Some(gso)), segs);
         assert_eq!(c.stats().frames_in, 5);
         assert_eq!(c.stats().frames_out, 1);
+    }
+
+    #[test]
+    fn disabled_passes_everything_through() {
+        let mut c = Coalescer::new();
+        c.disable();
+        let segs: Vec<Vec<u8>> = (0..3u32)
+            .map(|i| Tcp::data(1, i * 100, vec![1; 100]).frame())
+            .collect();
+        for s in &segs {
+            c.push(s);
+        }
+        let out = drain_all(&mut c);
+        assert_eq!(out.iter().map(|(f, _)| f.clone()).collect::<Vec<_>>(), segs);
+        assert!(out.iter().all(|(_, g)| g.is_none()));
     }
 
     #[test]

@@ -640,12 +640,27 @@ impl Plane {
         if self.to_inject.is_empty() {
             return;
         }
+        let mut merged_refused = false;
         let mut frames = self.to_inject.drain();
         while let Some(out) = frames.next_frame() {
             if let Err(e) = self.injector.inject(out.frame, out.gso) {
                 self.drops.inject_failed += 1;
                 tracing::debug!(error = %e, "sleeve: injection failed");
+                // EINVAL: the kernel rejects the virtio-net header itself.
+                let refused = match &e {
+                    CaptureError::Io { source, .. } => source.raw_os_error() == Some(libc::EINVAL),
+                    _ => false,
+                };
+                merged_refused |= refused && out.gso.is_some();
             }
+        }
+        drop(frames);
+        if merged_refused {
+            // Lost segments are resent by TCP; unmerged, they get through.
+            tracing::warn!(
+                "sleeve: the kernel refuses merged TCP frames; injecting segments one by one"
+            );
+            self.to_inject.disable();
         }
     }
 
