@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use weave_router::addr::{parse_cidr_list, AddrError, Ipv4Cidr};
+use weave_api::addr::{parse_cidr_list, AddrError, Ipv4Cidr};
 
 pub const DEFAULT_PROXY_SOCKET: &str = "/var/run/weave/weave.sock";
 
@@ -17,8 +17,12 @@ pub const DEFAULT_PROXY_SOCKET: &str = "/var/run/weave/weave.sock";
 )]
 pub struct Cli {
     /// The router's control API (Weave's WEAVE_HTTP_ADDR).
-    #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weave_router::client::DEFAULT_HTTP_ADDR, global = true, hide = true)]
+    #[arg(long, env = "WEAVE_HTTP_ADDR", default_value = weave_api::client::DEFAULT_HTTP_ADDR, global = true, hide = true)]
     pub http_addr: SocketAddr,
+
+    /// The router's unix socket for changes (root and the docker group only).
+    #[arg(long, env = "WEAVE_API_SOCKET", default_value = weave_api::client::DEFAULT_API_SOCKET, global = true, hide = true)]
+    pub api_socket: PathBuf,
 
     #[command(subcommand)]
     pub command: Command,
@@ -206,6 +210,10 @@ pub struct AttachArgs {
 pub struct RouterArgs {
     #[arg(long, default_value = "weave")]
     pub bridge: String,
+    /// dockerd, asked which containers exist before one is attached; its socket's group may
+    /// use the router's API socket.
+    #[arg(long, default_value = crate::docker::DEFAULT_DOCKER_HOST)]
+    pub docker_api: String,
     #[arg(long, default_value_t = 1376)]
     pub mtu: u32,
     #[arg(long)]

@@ -9,7 +9,7 @@ mod weavewait;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use weave_router::client::RouterClient;
+use weave_api::client::RouterClient;
 
 use cli::{Cli, Command};
 
@@ -51,7 +51,7 @@ fn main() {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    let router = RouterClient::new(cli.http_addr);
+    let router = RouterClient::new(cli.http_addr, cli.api_socket);
     match cli.command {
         Command::Launch(args) => cmd::launch::run(args, &router).await,
         Command::Stop => cmd::stop::stop().await,
@@ -71,7 +71,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Hide { addrs } => cmd::container::hide(&router, &addrs).await,
         Command::Run { args } => cmd::container::run(&router, &args).await,
-        Command::Router(args) => cmd::daemon::router(args, cli.http_addr).await,
-        Command::Proxy(args) => cmd::daemon::proxy(args, cli.http_addr).await,
+        Command::Router(args) => cmd::daemon::router(args, router).await,
+        Command::Proxy(args) => cmd::daemon::proxy(args, router).await,
     }
 }

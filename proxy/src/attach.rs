@@ -11,9 +11,9 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde_json::Value;
 use tracing::{debug, info, warn};
-use weave_router::addr::AddrSpec;
-use weave_router::api_types::{AttachRequest, AttachResponse, InterfaceInfo};
-use weave_router::client::{ClientError, RouterClient};
+use weave_api::addr::AddrSpec;
+use weave_api::client::{ClientError, RouterClient};
+use weave_api::types::{AttachRequest, AttachResponse, InterfaceInfo};
 
 use crate::cidr::{parse_weave_cidr, weave_cidr_from_env, CidrError, WeaveCidr};
 use crate::docker::{DockerApi, DockerError};

@@ -1,7 +1,7 @@
 //! `WEAVE_CIDR` (pure): the container's requested weave addresses (spec §2.2).
 
 use serde_json::Value;
-use weave_router::addr::{AddrError, AddrSpec};
+use weave_api::addr::{AddrError, AddrSpec};
 
 /// What a `WEAVE_CIDR` value asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,7 +144,7 @@ mod tests {
     }
 
     fn any_spec() -> impl Strategy<Value = AddrSpec> {
-        use weave_router::addr::Ipv4Cidr;
+        use weave_api::addr::Ipv4Cidr;
         (any::<u32>(), 0u8..=32, 0u8..3).prop_map(|(ip, len, kind)| {
             let cidr = Ipv4Cidr {
                 addr: ip.into(),

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use serde_json::Value;
 use tracing::{debug, info, warn, Instrument};
-use weave_router::client::ClientError;
+use weave_api::client::ClientError;
 
 use crate::attach::{attach_container, first_addr, AttachError, AttachFailure};
 use crate::endpoint::{classify, Endpoint};

@@ -33,14 +33,13 @@ mod tests;
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::UnixListener;
 use tracing::{info, warn};
-use weave_router::client::RouterClient;
+use weave_api::client::RouterClient;
 
 pub use crate::attach::{AttachOptions, Network};
 pub use crate::docker::{BollardDocker, DockerApi};
@@ -61,8 +60,8 @@ pub struct ProxyConfig {
     pub docker_host: String,
     /// Where to listen (`/var/run/weave/weave.sock`).
     pub socket_path: PathBuf,
-    /// The router's HTTP API (`127.0.0.1:6784`).
-    pub router: SocketAddr,
+    /// The router's API (its unix socket: attaching changes the network).
+    pub router: RouterClient,
     /// Create/start rewrite settings.
     pub create: CreateOptions,
     /// `--rewrite-inspect`.
@@ -84,7 +83,7 @@ pub async fn run(
 ) -> Result<(), ProxyError> {
     let upstream = Upstream::parse(&config.docker_host)?;
     let docker = Arc::new(BollardDocker::new(upstream.clone()));
-    let network = Arc::new(RouterClient::new(config.router));
+    let network = Arc::new(config.router.clone());
     run_with(config, upstream, docker, network, shutdown).await
 }
 

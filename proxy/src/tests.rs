@@ -17,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use weave_router::api_types::{AttachRequest, AttachResponse, InterfaceInfo};
-use weave_router::client::ClientError;
+use weave_api::client::ClientError;
+use weave_api::types::{AttachRequest, AttachResponse, InterfaceInfo};
 
 use crate::attach::Network;
 use crate::docker::{ContainerEvent, DockerApi, DockerError, EventAction};
@@ -273,7 +273,10 @@ impl Harness {
         let mut config = ProxyConfig {
             docker_host: format!("unix://{}", upstream.display()),
             socket_path: socket.clone(),
-            router: "127.0.0.1:6784".parse().expect("addr"),
+            router: weave_api::client::RouterClient::new(
+                "127.0.0.1:6784".parse().expect("addr"),
+                dir.join("run/weave/router.sock"),
+            ),
             create: create_options(),
             rewrite_inspect: false,
             no_multicast_route: false,

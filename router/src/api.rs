@@ -1,6 +1,11 @@
-//! The router's HTTP API on 127.0.0.1:6784 (shell around a pure router of paths).
+//! The router's HTTP API (shell around a pure router of paths), on two listeners: TCP
+//! 127.0.0.1:6784 serves the routes that only read (health, status, report, proxy addresses) to
+//! anyone on the host; the unix socket (`/var/run/weave/router.sock`, root:docker 0660) serves
+//! every route, and those that change the network only to root and the docker group (see
+//! [`crate::access`]). Attach and detach act only on the process of a running container that
+//! dockerd knows ([`crate::containers`]).
 //!
-//! Routes (bodies in [`crate::api_types`]; the client side is [`crate::client`]):
+//! Routes (bodies in [`crate::api_types`]; the client side is `weave_api::client`):
 //! `GET /status`, `GET /status/{targets|connections|peers}` (text; 503 while not ready),
 //! `GET /report` (indented JSON), `GET /proxyaddrs` (one per line; 404 without a proxy),
 //! `POST /attach/{id}`, `POST /detach/{id}`, `GET /interfaces/{pid}`,
@@ -8,12 +13,11 @@
 //! `DELETE /expose/{ip}/{len}` (204), `POST /connect` (form `peer=…` repeatable, `replace=true`;
 //! 200, or 400 with one line per bad peer), `POST /forget` (form `peer=…`; 200), and `GET /` or
 //! `GET /health` for readiness.
-//! Errors are `{"message": ...}`: 400 for bad input, 404 for unknown routes or absent things,
-//! 500 for operational failures.
+//! Errors are `{"message": ...}`: 400 for bad input, 403 for a route this listener or client may
+//! not use, 404 for unknown routes or absent things, 500 for operational failures.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,14 +30,17 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::access::{self, Access};
 use crate::addr::{AddrSpec, Ipv4Cidr};
 use crate::api_types::{ApiError, AttachRequest, DetachRequest, DetachResponse};
 use crate::bridge::BridgeError;
+use crate::containers::{self, ContainerDirectory, ContainerError};
 use crate::control::{ControlError, ControlHandle};
 use crate::status::{self, StatusSnapshot};
 
@@ -49,11 +56,24 @@ pub const IPAM_UNAVAILABLE: &str =
 /// `GET /interfaces/{target}` for the bridge itself.
 pub const BRIDGE_TARGET: &str = "weave:expose";
 
-/// What the API needs: the bridge owner and the latest status.
+/// Narrowest prefix accepted for an address on a weave interface or the bridge: wider ones
+/// would route (and, exposed, masquerade) most of the Internet through the overlay.
+pub const MIN_PREFIX_LEN: u8 = 8;
+
+/// What the API needs: the bridge owner, the latest status, the mesh, and dockerd's view of
+/// which containers exist.
 pub(crate) struct ApiState {
     pub(crate) control: ControlHandle,
     pub(crate) status: watch::Receiver<StatusSnapshot>,
     pub(crate) mesh: crate::mesh_shell::MeshHandle,
+    pub(crate) containers: Arc<dyn ContainerDirectory>,
+}
+
+/// The two listeners: TCP for reading, the unix socket (and its group) for everything.
+pub(crate) struct Listeners {
+    pub(crate) tcp: TcpListener,
+    pub(crate) socket: UnixListener,
+    pub(crate) socket_group: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +111,22 @@ pub(crate) enum RouteError {
     NotFound(String),
     MethodNotAllowed(String),
     BadRequest(String),
+}
+
+impl Route {
+    /// Does this route change the network (or enter other processes' namespaces)?
+    pub(crate) fn needs_full_access(&self) -> bool {
+        match self {
+            Route::Health | Route::Status(_) | Route::Report | Route::ProxyAddrs => false,
+            Route::Attach { .. }
+            | Route::Detach { .. }
+            | Route::Interfaces(_)
+            | Route::Expose { .. }
+            | Route::Hide { .. }
+            | Route::Connect
+            | Route::Forget => true,
+        }
+    }
 }
 
 impl RouteError {
@@ -248,11 +284,26 @@ pub(crate) fn parse_route(
     route
 }
 
-/// Is this address usable on an interface?
-fn usable(cidr: &Ipv4Cidr) -> Result<(), String> {
+/// Is this address usable on an interface (a weave interface or the bridge)?
+pub(crate) fn usable(cidr: &Ipv4Cidr) -> Result<(), String> {
     let ip = cidr.addr;
     if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() || ip.is_broadcast() {
         return Err(format!("{cidr} is not a usable host address"));
+    }
+    if cidr.prefix_len < MIN_PREFIX_LEN {
+        return Err(format!(
+            "{cidr}: prefix /{} is too wide; weave subnets need /{MIN_PREFIX_LEN} or longer",
+            cidr.prefix_len
+        ));
+    }
+    // In subnets with room for hosts, the first and last addresses are not host addresses.
+    if cidr.prefix_len <= 30 {
+        let host_bits = u32::from(ip) & !cidr.mask();
+        if host_bits == 0 || host_bits == !cidr.mask() {
+            return Err(format!(
+                "{cidr} is the network or broadcast address of its subnet, not a host address"
+            ));
+        }
     }
     Ok(())
 }
@@ -296,6 +347,15 @@ pub(crate) fn validate_attach(req: &AttachRequest) -> Result<Vec<Ipv4Cidr>, Stri
 pub(crate) fn validate_detach(req: &DetachRequest) -> Result<Vec<Ipv4Cidr>, String> {
     check_pid(req.pid)?;
     explicit_addrs(&req.addrs)
+}
+
+fn container_status(e: &ContainerError) -> StatusCode {
+    match e {
+        ContainerError::Unknown(_) => StatusCode::NOT_FOUND,
+        ContainerError::NotRunning(_) => StatusCode::CONFLICT,
+        ContainerError::WrongPid { .. } => StatusCode::BAD_REQUEST,
+        ContainerError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+    }
 }
 
 fn control_status(e: &ControlError) -> StatusCode {
@@ -450,11 +510,21 @@ async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, Resp> {
     })
 }
 
-async fn handle(state: &ApiState, req: Request<Incoming>) -> Resp {
+async fn handle(state: &ApiState, access: Access, req: Request<Incoming>) -> Resp {
     let route = match parse_route(req.method(), req.uri().path(), req.uri().query()) {
         Ok(route) => route,
         Err(e) => return error(e.status(), e.message()),
     };
+    if route.needs_full_access() && access != Access::Full {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} {} changes the weave network: it is served only on the router's unix socket, to root and the docker group",
+                req.method(),
+                req.uri().path()
+            ),
+        );
+    }
     match route {
         Route::Health => text(StatusCode::OK, "ok\n".to_string()),
         Route::Status(view) => {
@@ -501,6 +571,9 @@ async fn handle(state: &ApiState, req: Request<Incoming>) -> Resp {
                 Ok(addrs) => addrs,
                 Err(message) => return error(StatusCode::BAD_REQUEST, message),
             };
+            if let Err(e) = containers::verify(&*state.containers, &container, body.pid).await {
+                return error(container_status(&e), e.to_string());
+            }
             tracing::debug!(%container, pid = body.pid, "attach");
             match state
                 .control
@@ -520,6 +593,9 @@ async fn handle(state: &ApiState, req: Request<Incoming>) -> Resp {
                 Ok(addrs) => addrs,
                 Err(message) => return error(StatusCode::BAD_REQUEST, message),
             };
+            if let Err(e) = containers::verify(&*state.containers, &container, body.pid).await {
+                return error(container_status(&e), e.to_string());
+            }
             tracing::debug!(%container, pid = body.pid, "detach");
             match state.control.detach(body.pid, addrs).await {
                 Ok(removed) => json(
@@ -578,13 +654,18 @@ async fn handle(state: &ApiState, req: Request<Incoming>) -> Resp {
     }
 }
 
-/// Serve the API on `listener` until `shutdown` resolves, then give open connections a short
-/// grace period.
+/// Serve the API on both listeners until `shutdown` resolves, then give open connections a
+/// short grace period.
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listeners: Listeners,
     state: ApiState,
     shutdown: impl Future<Output = ()>,
 ) {
+    let Listeners {
+        tcp,
+        socket,
+        socket_group,
+    } = listeners;
     let state = Arc::new(state);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
@@ -592,23 +673,28 @@ pub(crate) async fn serve(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
+            accepted = tcp.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let span = tracing::debug_span!("api_conn", %peer);
-                    conns.spawn(
-                        serve_conn(stream, peer, state.clone(), stop_rx.clone()).instrument(span),
-                    );
+                    let conn = serve_conn(stream, Access::ReadOnly, state.clone(), stop_rx.clone());
+                    conns.spawn(conn.instrument(span));
                 }
-                Err(e) => {
-                    // Out of fds or similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "API accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(e) => accept_failed(e).await,
+            },
+            accepted = socket.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let access = access::socket_access(&stream, socket_group);
+                    let span = tracing::debug_span!("api_conn", peer = "unix", ?access);
+                    let conn = serve_conn(stream, access, state.clone(), stop_rx.clone());
+                    conns.spawn(conn.instrument(span));
                 }
+                Err(e) => accept_failed(e).await,
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
-    drop(listener);
+    drop(tcp);
+    drop(socket);
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while conns.join_next().await.is_some() {}
@@ -619,16 +705,24 @@ pub(crate) async fn serve(
     }
 }
 
-async fn serve_conn(
-    stream: TcpStream,
-    peer: SocketAddr,
+/// Out of fds or similar: back off instead of spinning.
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "API accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+async fn serve_conn<S>(
+    stream: S,
+    access: Access,
     state: Arc<ApiState>,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |req: Request<Incoming>| {
         let state = state.clone();
         let span = tracing::debug_span!("api", method = %req.method(), path = %req.uri().path());
-        async move { Ok::<_, Infallible>(handle(&state, req).await) }.instrument(span)
+        async move { Ok::<_, Infallible>(handle(&state, access, req).await) }.instrument(span)
     });
     let mut builder = http1::Builder::new();
     builder
@@ -644,7 +738,7 @@ async fn serve_conn(
         }
     };
     if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "API connection ended with an error");
+        tracing::debug!(error = %e, "API connection ended with an error");
     }
 }
 
@@ -856,6 +950,60 @@ mod tests {
         assert_eq!(parse_route(&post, "/connect", None), Ok(Route::Connect));
         assert_eq!(parse_route(&post, "/forget", None), Ok(Route::Forget));
         assert!(parse_route(&Method::GET, "/connect", None).is_err());
+    }
+
+    #[test]
+    fn host_addresses_only_in_subnets_narrower_than_a_slash_8() {
+        for ok in [
+            "10.2.1.1/24",
+            "10.32.0.1/12",
+            "10.0.0.1/8",
+            "10.2.1.7/32",
+            "10.2.1.6/31",
+        ] {
+            assert_eq!(usable(&cidr(ok)), Ok(()), "{ok}");
+        }
+        for bad in [
+            "10.2.1.1/0",
+            "10.2.1.1/7",
+            "10.2.1.0/24",
+            "10.2.1.255/24",
+            "10.47.255.255/12",
+            "0.0.0.0/24",
+            "224.0.0.1/24",
+            "127.0.0.1/8",
+        ] {
+            assert!(usable(&cidr(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_reading_routes_are_open_to_everyone() {
+        let get = Method::GET;
+        let post = Method::POST;
+        for (m, p) in [
+            (&get, "/"),
+            (&get, "/status"),
+            (&get, "/report"),
+            (&get, "/proxyaddrs"),
+        ] {
+            assert!(
+                !parse_route(m, p, None).expect(p).needs_full_access(),
+                "{p}"
+            );
+        }
+        for (m, p) in [
+            (&post, "/attach/abc"),
+            (&post, "/detach/abc"),
+            (&get, "/interfaces/12"),
+            (&get, "/interfaces/weave:expose"),
+            (&post, "/expose/10.2.1.1/24"),
+            (&Method::DELETE, "/expose/10.2.1.1/24"),
+            (&post, "/connect"),
+            (&post, "/forget"),
+        ] {
+            assert!(parse_route(m, p, None).expect(p).needs_full_access(), "{p}");
+        }
     }
 
     #[test]

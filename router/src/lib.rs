@@ -1,7 +1,8 @@
 //! The weave router: one per host. It owns the `weave` bridge, attaches containers to it,
 //! installs the iptables rules the bridge needs, runs the mesh (TCP 6783: handshake, encryption,
-//! topology gossip, connection maker) and serves the HTTP API on 127.0.0.1:6784 that the CLI and
-//! the proxy use, and the sleeve (pcap + UDP 6783 data plane, [`sleeve_shell`]).
+//! topology gossip, connection maker), serves the HTTP API (reading routes on 127.0.0.1:6784,
+//! everything on a unix socket for root and the docker group, [`access`]) that the CLI and the
+//! proxy use, and the sleeve (pcap + UDP 6783 data plane, [`sleeve_shell`]).
 //!
 //! The mesh and the data plane talk through two small tasks here: `feed_data_plane` turns
 //! [`mesh_shell::MeshEvent`]s into data-plane commands (peer up/down, keys, routes), and
@@ -9,19 +10,19 @@
 //! (forwarder established / timed out, MTU) for the mesh, which gates each connection's
 //! `established` state on them, and into the report's `Interface` and `CaptureStats`.
 //!
-//! Pure modules (no IO, unit-tested without root): [`addr`], [`api_types`], [`status`].
-//! Shells: [`bridge`] (the only place that talks rtnetlink), [`iptables`], [`api`] (HTTP server),
-//! `control` (the task that owns the bridge), [`mesh_shell`] (the mesh's TCP connections, one
-//! task each, around the pure [`mesh`] core), [`client`] (HTTP client used by the CLI and the
-//! proxy).
+//! Pure modules (no IO, unit-tested without root): [`status`], and the API's [`addr`] and
+//! [`api_types`] (from the `weave-api` crate, which also holds the client the CLI and the proxy
+//! use). Shells: [`bridge`] (the only place that talks rtnetlink), [`iptables`], [`api`] (HTTP
+//! server) with [`access`] (who may change things) and [`containers`] (which PIDs are
+//! containers), `control` (the task that owns the bridge), [`mesh_shell`] (the mesh's TCP
+//! connections, one task each, around the pure [`mesh`] core).
 
-pub mod addr;
+pub mod access;
 pub mod api;
-pub mod api_types;
 pub mod bridge;
 pub mod capture;
 pub mod checksum;
-pub mod client;
+pub mod containers;
 mod control;
 pub mod fragment;
 pub mod gro;
@@ -38,6 +39,8 @@ use std::collections::hash_map::RandomState;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -45,6 +48,8 @@ use tokio::sync::watch;
 
 pub use bridge::{Bridge, BridgeError, MacAddr};
 pub use iptables::IptablesError;
+/// The API's address grammar and bodies live in their own crate, shared with the clients.
+pub use weave_api::{addr, types as api_types};
 
 /// Weave's mesh port.
 pub const MESH_PORT: u16 = 6783;
@@ -61,8 +66,13 @@ const CONTROL_GRACE: Duration = Duration::from_secs(10);
 /// Everything `run` needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouterConfig {
-    /// HTTP API address, normally 127.0.0.1:6784.
+    /// HTTP API address for the reading routes, normally 127.0.0.1:6784.
     pub http_addr: SocketAddr,
+    /// The unix socket for every route (normally /var/run/weave/router.sock).
+    pub api_socket: PathBuf,
+    /// Besides root, members of this group may use the socket (dockerd's socket's group); 0
+    /// means root only.
+    pub api_socket_group: u32,
     /// Bridge name, normally `weave`.
     pub bridge_name: String,
     /// Bridge MTU (and of every container interface); default 1376.
@@ -100,6 +110,8 @@ pub enum RouterError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Socket(#[from] access::SocketError),
     #[error("cannot listen on {addr} for the HTTP API: {source}")]
     Listen {
         addr: SocketAddr,
@@ -127,10 +139,12 @@ fn random_u64() -> u64 {
 }
 
 /// Run the router: ensure the bridge and its iptables rules, re-apply the rules of addresses
-/// already exposed on the bridge, then serve the HTTP API until `shutdown` resolves. The bridge
-/// and attached containers stay in place afterwards, so local traffic keeps flowing.
+/// already exposed on the bridge, then serve the HTTP API until `shutdown` resolves. Attach and
+/// detach act only on containers `containers` (dockerd) knows. The bridge and attached
+/// containers stay in place afterwards, so local traffic keeps flowing.
 pub async fn run(
     config: RouterConfig,
+    containers: Arc<dyn containers::ContainerDirectory>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RouterError> {
     let mut bridge = Bridge::new(&config.bridge_name)?;
@@ -148,12 +162,14 @@ pub async fn run(
             addr: config.http_addr,
             source,
         })?;
+    let socket = access::bind_socket(&config.api_socket, config.api_socket_group)?;
     tracing::info!(
         bridge = %config.bridge_name,
         mtu = config.mtu,
         name = %mac,
         nickname = %config.nickname,
         api = %config.http_addr,
+        socket = %config.api_socket.display(),
         "weave router started"
     );
 
@@ -230,8 +246,15 @@ pub async fn run(
         control,
         status: status_rx,
         mesh: running.handle.clone(),
+        containers,
     };
-    api::serve(listener, state, shutdown).await;
+    let listeners = api::Listeners {
+        tcp: listener,
+        socket,
+        socket_group: config.api_socket_group,
+    };
+    api::serve(listeners, state, shutdown).await;
+    let _ = std::fs::remove_file(&config.api_socket);
     running.abort();
     translate.abort();
     watch_status.abort();

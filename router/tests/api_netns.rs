@@ -2,13 +2,17 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{in_new_netns, link_exists, FakeContainer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use weave_api::client::RouterClient;
 use weave_router::api_types::{AttachRequest, DetachRequest};
-use weave_router::client::RouterClient;
+use weave_router::containers::{ContainerDirectory, ContainerError, ContainerProcess};
 use weave_router::{run, RouterConfig};
 
 const API: &str = "127.0.0.1:6784";
@@ -25,9 +29,56 @@ fn attach_req(pid: i32, addrs: &[&str]) -> AttachRequest {
     }
 }
 
-/// Send raw bytes, return the status line.
+/// Containers by id, standing in for dockerd.
+#[derive(Default)]
+struct Table(Mutex<HashMap<String, i32>>);
+
+impl Table {
+    fn add(&self, id: &str, pid: i32) {
+        self.0.lock().expect("table").insert(id.to_string(), pid);
+    }
+}
+
+impl ContainerDirectory for Table {
+    fn lookup<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Option<ContainerProcess>, ContainerError>>
+                + Send
+                + 'a,
+        >,
+    > {
+        let found = self
+            .0
+            .lock()
+            .expect("table")
+            .get(id)
+            .map(|&pid| ContainerProcess {
+                id: format!("{id}-full"),
+                running: true,
+                pid,
+            });
+        Box::pin(async move { Ok(found) })
+    }
+}
+
+/// Send raw bytes over TCP, return the status line.
 async fn raw(addr: SocketAddr, request: &[u8]) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    raw_on(stream, request).await
+}
+
+/// Send raw bytes over the unix socket, return the status line.
+async fn raw_unix(path: &Path, request: &[u8]) -> String {
+    let stream = tokio::net::UnixStream::connect(path)
+        .await
+        .expect("connect");
+    raw_on(stream, request).await
+}
+
+async fn raw_on(mut stream: impl AsyncRead + AsyncWrite + Unpin, request: &[u8]) -> String {
     // The server may answer (and close) before it has read everything we send.
     let _ = stream.write_all(request).await;
     let mut reply = Vec::new();
@@ -43,8 +94,13 @@ async fn raw(addr: SocketAddr, request: &[u8]) -> String {
 fn api_end_to_end() {
     in_new_netns(|| async {
         let addr: SocketAddr = API.parse().expect("address");
+        let dir = std::env::temp_dir().join(format!("weave-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let socket = dir.join("router.sock");
         let config = RouterConfig {
             http_addr: addr,
+            api_socket: socket.clone(),
+            api_socket_group: 0,
             bridge_name: "weave".into(),
             mtu: 1376,
             nickname: "testhost".into(),
@@ -58,10 +114,11 @@ fn api_end_to_end() {
             trusted_subnets: Vec::new(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let router = tokio::spawn(run(config, async {
+        let table = Arc::new(Table::default());
+        let router = tokio::spawn(run(config, table.clone(), async {
             let _ = stopped.await;
         }));
-        let client = RouterClient::new(addr);
+        let client = RouterClient::new(addr, &socket);
         let mut ready = false;
         for _ in 0..500 {
             if client.get_text("/status").await.is_ok() {
@@ -111,6 +168,65 @@ fn api_end_to_end() {
         // Attach two containers in one /24; they can talk.
         let a = FakeContainer::isolated();
         let b = FakeContainer::isolated();
+        table.add("aaaa", a.pid());
+        table.add("bbbb", b.pid());
+        {
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            let meta = std::fs::metadata(&socket).expect("API socket");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+            assert_eq!((meta.uid(), meta.gid()), (0, 0));
+        }
+        // Only the unix socket changes things; TCP refuses, whoever asks.
+        for (method, path) in [
+            ("POST", "/attach/aaaa"),
+            ("POST", "/detach/aaaa"),
+            ("POST", "/expose/10.40.1.254/24"),
+            ("DELETE", "/expose/10.40.1.254/24"),
+            ("POST", "/connect"),
+            ("POST", "/forget"),
+            ("GET", "/interfaces/1"),
+        ] {
+            let request = format!(
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{{}}"
+            );
+            let status = raw(addr, request.as_bytes()).await;
+            assert!(
+                status.contains(" 403 "),
+                "{method} {path} over TCP: {status}"
+            );
+        }
+        let tcp_only = RouterClient::new(addr, dir.join("no-such.sock"));
+        assert!(tcp_only.get_text("/status").await.is_ok());
+        // A PID that is not the named container's, and a container dockerd does not know.
+        let err = client
+            .attach("aaaa", &attach_req(b.pid(), &["10.40.1.1/24"]))
+            .await
+            .expect_err("pid of another container");
+        assert_eq!(err.status(), Some(400), "{err}");
+        let stranger = FakeContainer::isolated();
+        let err = client
+            .attach("nobody", &attach_req(stranger.pid(), &["10.40.1.1/24"]))
+            .await
+            .expect_err("not a container");
+        assert_eq!(err.status(), Some(404), "{err}");
+        for wide in [
+            "10.0.0.1/0",
+            "10.40.1.1/7",
+            "10.40.1.0/24",
+            "10.40.1.255/24",
+        ] {
+            let err = client
+                .attach("aaaa", &attach_req(a.pid(), &[wide]))
+                .await
+                .expect_err(wide);
+            assert_eq!(err.status(), Some(400), "{wide}: {err}");
+            let err = client
+                .expose(wide.parse().expect("cidr"))
+                .await
+                .expect_err(wide);
+            assert_eq!(err.status(), Some(400), "expose {wide}: {err}");
+        }
+        assert!(!link_exists(&weave_router::bridge::host_veth_name(a.pid())));
         let ra = client
             .attach(
                 "aaaa",
@@ -173,6 +289,7 @@ fn api_end_to_end() {
         assert_eq!(err.status(), Some(400));
         assert!(err.to_string().contains("IPAM"), "{err}");
         let host = FakeContainer::in_our_netns();
+        table.add("dddd", host.pid());
         let err = client
             .attach("dddd", &attach_req(host.pid(), &["10.40.1.9/24"]))
             .await
@@ -183,18 +300,18 @@ fn api_end_to_end() {
             "Container is running in the host network namespace"
         );
         let err = client
-            .attach("eeee", &attach_req(0, &["10.40.1.9/24"]))
+            .attach("aaaa", &attach_req(0, &["10.40.1.9/24"]))
             .await
             .expect_err("pid 0");
         assert_eq!(err.status(), Some(400));
         let err = client.get_text("/nope").await.expect_err("404");
         assert_eq!(err.status(), Some(404));
-        assert!(raw(addr, b"POST /attach/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 7\r\n\r\n{\"pid\":")
+        assert!(raw_unix(&socket, b"POST /attach/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 7\r\n\r\n{\"pid\":")
             .await
             .contains(" 400 "));
         let mut big = b"POST /attach/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 100000\r\n\r\n".to_vec();
         big.extend(std::iter::repeat_n(b' ', 100_000));
-        assert!(raw(addr, &big).await.contains(" 400 "));
+        assert!(raw_unix(&socket, &big).await.contains(" 400 "));
 
         // Detach.
         let removed = client
@@ -218,5 +335,7 @@ fn api_end_to_end() {
         assert!(link_exists("weave"));
         assert!(a.try_run("ping", &["-c", "1", "-W", "5", "10.40.1.2"]));
         assert!(client.get_text("/status").await.is_err());
+        assert!(!socket.exists(), "the API socket is removed at shutdown");
+        let _ = std::fs::remove_dir_all(&dir);
     });
 }

@@ -6,9 +6,9 @@ use std::process::Stdio;
 
 use anyhow::{Context, Result};
 use bollard::query_parameters::ListContainersOptions;
-use weave_router::addr::{AddrSpec, Ipv4Cidr};
-use weave_router::api_types::{AttachRequest, DetachRequest};
-use weave_router::client::RouterClient;
+use weave_api::addr::{AddrSpec, Ipv4Cidr};
+use weave_api::client::RouterClient;
+use weave_api::types::{AttachRequest, DetachRequest};
 
 use super::{router_unreachable, Exit};
 use crate::cli::AttachArgs;

@@ -1,9 +1,11 @@
 //! The daemons the `weave` and `weaveproxy` containers run, in the foreground, until SIGTERM.
 
-use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
+use weave_api::client::RouterClient;
 
 use crate::cli::{ProxyArgs, RouterArgs};
 
@@ -22,9 +24,29 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn router(args: RouterArgs, http_addr: SocketAddr) -> Result<()> {
+/// The group that may use the router's API socket besides root: the group of dockerd's socket
+/// (`docker`), since its members can run containers as root anyway. 0 (root only) when dockerd
+/// is not reached over a unix socket.
+fn api_socket_group(docker_api: &str) -> u32 {
+    let Some(path) = crate::docker::docker_socket_path(docker_api) else {
+        return 0;
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) => meta.gid(),
+        Err(e) => {
+            tracing::warn!(path, error = %e, "cannot read dockerd's socket: the API socket is for root only");
+            0
+        }
+    }
+}
+
+pub async fn router(args: RouterArgs, client: RouterClient) -> Result<()> {
+    let containers = weave_router::containers::Dockerd::connect(&args.docker_api)
+        .context("the router asks dockerd which containers exist")?;
     let config = weave_router::RouterConfig {
-        http_addr,
+        http_addr: client.addr(),
+        api_socket: client.socket().to_path_buf(),
+        api_socket_group: api_socket_group(&args.docker_api),
         bridge_name: args.bridge,
         mtu: args.mtu,
         nickname: args.nickname.unwrap_or_else(super::launch::hostname),
@@ -40,12 +62,12 @@ pub async fn router(args: RouterArgs, http_addr: SocketAddr) -> Result<()> {
         conn_limit: args.conn_limit,
         trusted_subnets: args.trusted_subnets.unwrap_or_default().0,
     };
-    weave_router::run(config, shutdown_signal())
+    weave_router::run(config, Arc::new(containers), shutdown_signal())
         .await
         .context("router failed")
 }
 
-pub async fn proxy(args: ProxyArgs, http_addr: SocketAddr) -> Result<()> {
+pub async fn proxy(args: ProxyArgs, router: RouterClient) -> Result<()> {
     crate::weavewait::install(&args.weavewait_dir).with_context(|| {
         format!(
             "installing the weavewait entrypoint in {}",
@@ -62,7 +84,7 @@ pub async fn proxy(args: ProxyArgs, http_addr: SocketAddr) -> Result<()> {
     let config = weave_proxy::ProxyConfig {
         docker_host: args.docker_api,
         socket_path: args.socket,
-        router: http_addr,
+        router,
         create: weave_proxy::rewrite::CreateOptions {
             weavewait_dir: args.weavewait_dir,
             no_multicast_route: opts.no_multicast_route,

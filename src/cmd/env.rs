@@ -1,7 +1,7 @@
 //! `weave env`, `weave env --restore`, `weave config`: point the docker client at the proxy.
 
 use anyhow::Result;
-use weave_router::client::RouterClient;
+use weave_api::client::RouterClient;
 
 use super::Exit;
 

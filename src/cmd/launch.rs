@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use bollard::models::{ContainerCreateBody, HostConfig, RestartPolicy, RestartPolicyNameEnum};
 use bollard::query_parameters::{CreateContainerOptions, RemoveContainerOptions};
 use bollard::Docker;
-use weave_router::client::RouterClient;
+use weave_api::client::RouterClient;
 
 use super::Exit;
 use crate::cli::{LaunchArgs, ProxyOptions, DEFAULT_PROXY_SOCKET};
@@ -47,9 +47,12 @@ pub async fn run(args: LaunchArgs, router: &RouterClient) -> Result<()> {
         Some(n) => n.clone(),
         None => hostname(),
     };
+    let docker_host = docker::docker_host();
     let mut router_cmd = vec![
         "router".to_string(),
         format!("--http-addr={}", router.addr()),
+        format!("--api-socket={}", router.socket().display()),
+        format!("--docker-api={docker_host}"),
         format!("--mtu={}", args.mtu),
         format!("--nickname={nickname}"),
     ];
@@ -62,39 +65,48 @@ pub async fn run(args: LaunchArgs, router: &RouterClient) -> Result<()> {
     if let Some(password) = &args.password {
         router_env.push(format!("WEAVE_PASSWORD={password}"));
     }
-    let weave_dirs = vec![
+    // Both daemons reach dockerd: the router to check that what it attaches is a container,
+    // the proxy to forward the API.
+    let mut binds = vec![
         "/var/run/weave:/var/run/weave".to_string(),
         "/var/lib/weave:/var/lib/weave".to_string(),
     ];
+    if let Some(socket) = docker_socket_path(&docker_host) {
+        binds.push(format!("{socket}:{socket}"));
+    }
     let router_id = start_container(
         &docker,
         ROUTER_CONTAINER,
         daemon_spec(
+            Daemon::Router,
             &image,
             router_cmd,
             router_env,
-            weave_dirs.clone(),
+            binds.clone(),
             args.no_restart,
         ),
     )
     .await?;
 
     if args.proxy {
-        let docker_host = docker::docker_host();
-        let mut binds = weave_dirs;
-        if let Some(socket) = docker_socket_path(&docker_host) {
-            binds.push(format!("{socket}:{socket}"));
-        }
         let mut proxy_cmd = vec![
             "proxy".to_string(),
             format!("--http-addr={}", router.addr()),
+            format!("--api-socket={}", router.socket().display()),
             format!("--docker-api={docker_host}"),
         ];
         proxy_cmd.extend(proxy_flags(&args.proxy_opts));
         start_container(
             &docker,
             PROXY_CONTAINER,
-            daemon_spec(&image, proxy_cmd, Vec::new(), binds, args.no_restart),
+            daemon_spec(
+                Daemon::Proxy,
+                &image,
+                proxy_cmd,
+                Vec::new(),
+                binds,
+                args.no_restart,
+            ),
         )
         .await?;
     }
@@ -145,19 +157,44 @@ fn proxy_flags(opts: &ProxyOptions) -> Vec<String> {
     flags
 }
 
-/// Router and proxy share one shape: host network and pid namespaces (they plumb veths into
-/// container namespaces by pid), weave's state dirs mounted, and just the capabilities that
-/// needs rather than `--privileged` (which also fails where the host's bounding set lacks a
-/// capability, as in some sandboxes): netlink and sysctls (NET_ADMIN, and /proc/sys writable),
-/// entering other network namespaces (SYS_ADMIN, SYS_PTRACE), raw frames (NET_RAW), killing a
-/// container whose attach failed (KILL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Daemon {
+    Router,
+    Proxy,
+}
+
+impl Daemon {
+    /// Exactly the capabilities each needs, after dropping all of them.
+    fn capabilities(self) -> &'static [&'static str] {
+        match self {
+            // Netlink, iptables, SO_RCVBUFFORCE (NET_ADMIN); pcap and packet sockets (NET_RAW);
+            // entering containers' network namespaces (SYS_ADMIN for setns, SYS_PTRACE to open
+            // /proc/<pid>/ns of processes with other capabilities); giving the API socket to
+            // the docker group (CHOWN).
+            Daemon::Router => &["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE", "CHOWN"],
+            // Giving its socket dockerd's socket's owner (CHOWN); killing the process of a
+            // container whose attach failed, whatever its user (KILL).
+            Daemon::Proxy => &["CHOWN", "KILL"],
+        }
+    }
+}
+
+/// Router and proxy share one shape: host network and pid namespaces (the router plumbs veths
+/// into container namespaces by pid, the proxy kills a container's process whose attach
+/// failed), weave's state dirs and dockerd's socket mounted, and all capabilities dropped but
+/// those [`Daemon::capabilities`] lists (`--privileged` also fails where the host's bounding
+/// set lacks a capability). The router needs /proc/sys writable and syscalls Docker's default
+/// seccomp profile refuses (setns into other namespaces), so it runs unconfined; the proxy keeps
+/// Docker's default seccomp and AppArmor profiles and masked paths.
 fn daemon_spec(
+    daemon: Daemon,
     image: &str,
     cmd: Vec<String>,
     env: Vec<String>,
     binds: Vec<String>,
     no_restart: bool,
 ) -> ContainerCreateBody {
+    let router = daemon == Daemon::Router;
     let restart = if no_restart {
         RestartPolicyNameEnum::NO
     } else {
@@ -175,26 +212,22 @@ fn daemon_spec(
         host_config: Some(HostConfig {
             network_mode: Some("host".into()),
             pid_mode: Some("host".into()),
+            cap_drop: Some(vec!["ALL".to_string()]),
             cap_add: Some(
-                [
-                    "NET_ADMIN",
-                    "NET_RAW",
-                    "SYS_ADMIN",
-                    "SYS_PTRACE",
-                    "KILL",
-                    "DAC_OVERRIDE",
-                ]
-                .map(String::from)
-                .to_vec(),
+                daemon
+                    .capabilities()
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect(),
             ),
-            security_opt: Some(
+            security_opt: router.then(|| {
                 ["seccomp=unconfined", "apparmor=unconfined"]
                     .map(String::from)
-                    .to_vec(),
-            ),
+                    .to_vec()
+            }),
             // What `--security-opt systempaths=unconfined` means on the wire.
-            masked_paths: Some(Vec::new()),
-            readonly_paths: Some(Vec::new()),
+            masked_paths: router.then(Vec::new),
+            readonly_paths: router.then(Vec::new),
             binds: Some(binds),
             restart_policy: Some(RestartPolicy {
                 name: Some(restart),

@@ -1,7 +1,7 @@
 //! `weave connect` and `weave forget`.
 
 use anyhow::Result;
-use weave_router::client::{ClientError, RouterClient};
+use weave_api::client::{ClientError, RouterClient};
 
 use super::{router_unreachable, Exit};
 

@@ -36,8 +36,8 @@ impl fmt::Display for Exit {
 impl std::error::Error for Exit {}
 
 /// Explain an unreachable router the way Weave does: say whether the container is there.
-pub async fn router_unreachable(err: weave_router::client::ClientError) -> anyhow::Error {
-    if !matches!(err, weave_router::client::ClientError::Unreachable { .. }) {
+pub async fn router_unreachable(err: weave_api::client::ClientError) -> anyhow::Error {
+    if !matches!(err, weave_api::client::ClientError::Unreachable { .. }) {
         return err.into();
     }
     let Ok(docker) = crate::docker::connect().await else {

@@ -2,7 +2,7 @@
 
 use anyhow::{anyhow, Result};
 use serde_json::Value;
-use weave_router::client::RouterClient;
+use weave_api::client::RouterClient;
 
 use super::{router_unreachable, Exit};
 

@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use serde_json::{Map, Value};
-use weave_router::addr::AddrSpec;
+use weave_api::addr::AddrSpec;
 
 use super::{
     as_object, as_object_mut, decide, env_weave_cidr, get_object, get_str, get_str_list,

@@ -1,7 +1,11 @@
 //! HTTP client for the router's API (shell). Used by the CLI and the proxy, so the routes and
-//! their bodies are spelled in one place.
+//! their bodies are spelled in one place. Routes that only read go to the TCP address; routes
+//! that change the network (attach, detach, expose, hide, connect, forget, and `interfaces`,
+//! which enters other processes' namespaces) go to the unix socket, which the router serves to
+//! root and the docker group only.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,15 +14,18 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::addr::Ipv4Cidr;
-use crate::api_types::{
+use crate::types::{
     ApiError, AttachRequest, AttachResponse, DetachRequest, DetachResponse, InterfaceInfo,
 };
 
-/// Weave's default control address.
+/// Weave's default control address (read-only routes).
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:6784";
+/// The router's socket for routes that change the network: root and the docker group only.
+pub const DEFAULT_API_SOCKET: &str = "/var/run/weave/router.sock";
 
 /// How long to wait for the TCP connection (the Weave script used 3 s).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -27,10 +34,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub enum ClientError {
     #[error("cannot reach the weave router at {addr}: {source}")]
     Unreachable {
-        addr: SocketAddr,
+        addr: String,
         #[source]
         source: std::io::Error,
     },
+    #[error("permission denied on {path}: changing the weave network needs root or membership of the docker group")]
+    PermissionDenied { path: PathBuf },
     #[error("{message}")]
     Status { status: u16, message: String },
     #[error("talking to the weave router: {0}")]
@@ -52,15 +61,33 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub struct RouterClient {
     addr: SocketAddr,
+    socket: PathBuf,
+}
+
+/// Which of the router's listeners a request goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    /// TCP: status, report, proxy addresses; anyone on the host may read them.
+    ReadOnly,
+    /// The unix socket: everything, for root and the docker group.
+    Socket,
 }
 
 impl RouterClient {
-    pub fn new(addr: SocketAddr) -> Self {
-        Self { addr }
+    /// A client for the router whose read-only API is at `addr` and whose socket is `socket`.
+    pub fn new(addr: SocketAddr, socket: impl Into<PathBuf>) -> Self {
+        Self {
+            addr,
+            socket: socket.into(),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 
     /// `POST /attach/{container_id}`.
@@ -87,7 +114,12 @@ impl RouterClient {
     /// interface there (404).
     pub async fn interfaces(&self, target: &str) -> Result<Option<InterfaceInfo>, ClientError> {
         match self
-            .send(Method::GET, &format!("/interfaces/{target}"), None)
+            .send(
+                Listener::Socket,
+                Method::GET,
+                &format!("/interfaces/{target}"),
+                None,
+            )
             .await
         {
             Ok(body) => decode(&body).map(Some),
@@ -99,13 +131,17 @@ impl RouterClient {
     /// `POST /expose/{ip}/{len}`: put this address on the bridge so the host reaches the subnet.
     pub async fn expose(&self, cidr: Ipv4Cidr) -> Result<(), ClientError> {
         let path = format!("/expose/{}/{}", cidr.addr, cidr.prefix_len);
-        self.send(Method::POST, &path, None).await.map(drop)
+        self.send(Listener::Socket, Method::POST, &path, None)
+            .await
+            .map(drop)
     }
 
     /// `DELETE /expose/{ip}/{len}`: the reverse of [`RouterClient::expose`].
     pub async fn hide(&self, cidr: Ipv4Cidr) -> Result<(), ClientError> {
         let path = format!("/expose/{}/{}", cidr.addr, cidr.prefix_len);
-        self.send(Method::DELETE, &path, None).await.map(drop)
+        self.send(Listener::Socket, Method::DELETE, &path, None)
+            .await
+            .map(drop)
     }
 
     /// `POST /connect`: add mesh peers (`replace`: instead of the current ones). A 400 carries
@@ -128,20 +164,29 @@ impl RouterClient {
     }
 
     async fn send_form(&self, path: &str, form: String) -> Result<(), ClientError> {
-        self.send_with(Method::POST, path, Some((FORM, form.into_bytes())))
-            .await
-            .map(drop)
+        self.send_with(
+            Listener::Socket,
+            Method::POST,
+            path,
+            Some((FORM, form.into_bytes())),
+        )
+        .await
+        .map(drop)
     }
 
     /// `GET <path>` as text: `/status`, `/status/connections`, `/proxyaddrs`, ...
     pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
-        let body = self.send(Method::GET, path, None).await?;
+        let body = self
+            .send(Listener::ReadOnly, Method::GET, path, None)
+            .await?;
         String::from_utf8(body.to_vec()).map_err(|e| ClientError::BadReply(e.to_string()))
     }
 
     /// `GET /report` as JSON.
     pub async fn report(&self) -> Result<serde_json::Value, ClientError> {
-        let body = self.send(Method::GET, "/report", None).await?;
+        let body = self
+            .send(Listener::ReadOnly, Method::GET, "/report", None)
+            .await?;
         decode(&body)
     }
 
@@ -152,7 +197,9 @@ impl RouterClient {
         req: &Req,
     ) -> Result<Resp, ClientError> {
         let body = serde_json::to_vec(req).map_err(|e| ClientError::BadReply(e.to_string()))?;
-        let reply = self.send(method, path, Some(body)).await?;
+        let reply = self
+            .send(Listener::Socket, method, path, Some(body))
+            .await?;
         decode(&reply)
     }
 
@@ -160,28 +207,59 @@ impl RouterClient {
     /// A non-2xx answer becomes [`ClientError::Status`] carrying the router's message.
     async fn send(
         &self,
+        listener: Listener,
         method: Method,
         path: &str,
         json_body: Option<Vec<u8>>,
     ) -> Result<Bytes, ClientError> {
-        self.send_with(method, path, json_body.map(|b| (JSON, b)))
+        self.send_with(listener, method, path, json_body.map(|b| (JSON, b)))
             .await
     }
 
     async fn send_with(
         &self,
+        listener: Listener,
         method: Method,
         path: &str,
         body: Option<(&str, Vec<u8>)>,
     ) -> Result<Bytes, ClientError> {
-        let unreachable = |source| ClientError::Unreachable {
-            addr: self.addr,
-            source,
-        };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addr))
-            .await
-            .map_err(|_| unreachable(std::io::ErrorKind::TimedOut.into()))?
-            .map_err(unreachable)?;
+        match listener {
+            Listener::ReadOnly => {
+                let stream =
+                    timed_connect(self.addr.to_string(), TcpStream::connect(self.addr)).await?;
+                self.request(stream, method, path, body).await
+            }
+            Listener::Socket => {
+                let stream = timed_connect(
+                    self.socket.display().to_string(),
+                    UnixStream::connect(&self.socket),
+                )
+                .await
+                .map_err(|e| match e {
+                    ClientError::Unreachable { source, .. }
+                        if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                    {
+                        ClientError::PermissionDenied {
+                            path: self.socket.clone(),
+                        }
+                    }
+                    other => other,
+                })?;
+                self.request(stream, method, path, body).await
+            }
+        }
+    }
+
+    async fn request<S>(
+        &self,
+        stream: S,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<Bytes, ClientError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
@@ -213,6 +291,21 @@ impl RouterClient {
             status: status.as_u16(),
             message: error_message(status, &body),
         })
+    }
+}
+
+/// Connect within [`CONNECT_TIMEOUT`].
+async fn timed_connect<S>(
+    addr: String,
+    connect: impl std::future::Future<Output = std::io::Result<S>>,
+) -> Result<S, ClientError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(source)) => Err(ClientError::Unreachable { addr, source }),
+        Err(_) => Err(ClientError::Unreachable {
+            addr,
+            source: std::io::ErrorKind::TimedOut.into(),
+        }),
     }
 }
 
