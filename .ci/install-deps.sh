@@ -11,6 +11,7 @@ PACKAGES=(
   iproute2 iptables util-linux     # ip netns, veth, bridges; nsenter, unshare
   nftables                         # e2e: drop IP fragments at a device's ingress
   iputils-ping ethtool tcpdump iperf3
+  curl                             # e2e: raw API requests over TCP and unix sockets
   libpcap-dev pkg-config           # the router captures with libpcap
   libc6-dev                        # libc.a: weavewait (/w/w) is linked statically
   bsdutils                         # `script`: a pty for the `docker run -it` test

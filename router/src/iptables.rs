@@ -1,10 +1,16 @@
 //! The iptables rules the bridge needs (shell: runs the `iptables` binary). Spec router §5.4/§5.5.
 //!
-//! - filter `FORWARD`, kept at the top in this order: `-i weave -o weave ACCEPT`,
+//! - filter `FORWARD`, kept at the top in this order: `-i docker0 -o weave DROP` (containers
+//!   on Docker's bridge stay off the weave network), `-i weave -o weave ACCEPT`,
 //!   `-o weave -j WEAVE-EXPOSE`, `-i weave ! -o weave ACCEPT`,
 //!   `-o weave -m conntrack --ctstate RELATED,ESTABLISHED ACCEPT`. dockerd sets the FORWARD
 //!   policy to DROP and bridge-nf-call-iptables=1, so without them containers on the weave bridge
 //!   cannot talk.
+//! - filter chain `WEAVE-INPUT`, hooked first in `INPUT` (Weave's host protections): drop
+//!   connections to the API on 127.0.0.1:6784 from non-local sources (its fix for
+//!   CVE-2020-8558: with `route_localnet` a neighbour could reach 127.0.0.1), and drop
+//!   containers on `docker0` reaching the mesh ports (TCP and UDP 6783, UDP 6784) on the
+//!   `docker0` address.
 //! - filter chain `WEAVE-EXPOSE`: `-d <subnet> ACCEPT` per exposed subnet.
 //! - nat chain `WEAVE` (hooked from `POSTROUTING`): per exposed subnet C
 //!   `-s C -d 224.0.0.0/4 RETURN`, `-d C ! -s C MASQUERADE`, `-s C ! -d C MASQUERADE`.
@@ -24,6 +30,12 @@ const IPTABLES: &str = "iptables";
 pub const EXPOSE_CHAIN: &str = "WEAVE-EXPOSE";
 /// nat chain holding the masquerading rules of exposed subnets.
 pub const NAT_CHAIN: &str = "WEAVE";
+/// filter chain of the host protections, hooked first in `INPUT`.
+pub const INPUT_CHAIN: &str = "WEAVE-INPUT";
+/// Docker's default bridge (Weave's `DOCKER_BRIDGE`).
+pub const DOCKER_BRIDGE: &str = "docker0";
+/// Weave's comment on the API port rule, kept so that operators recognise it.
+const API_PORT_COMMENT: &str = "Block non-local access to Weave Net control port";
 /// Upper bound on `-D` repetitions when removing duplicates of a rule.
 const MAX_DUPLICATES: usize = 64;
 
@@ -53,7 +65,11 @@ fn rule(parts: &[&str]) -> Rule {
 
 /// The FORWARD rules for `bridge`, in the order they must appear at the top of the chain.
 fn forward_rules(bridge: &str) -> Vec<Rule> {
-    vec![
+    let mut rules = Vec::new();
+    if bridge != DOCKER_BRIDGE {
+        rules.push(rule(&["-i", DOCKER_BRIDGE, "-o", bridge, "-j", "DROP"]));
+    }
+    rules.extend([
         rule(&["-i", bridge, "-o", bridge, "-j", "ACCEPT"]),
         rule(&["-o", bridge, "-j", EXPOSE_CHAIN]),
         rule(&["-i", bridge, "!", "-o", bridge, "-j", "ACCEPT"]),
@@ -67,7 +83,89 @@ fn forward_rules(bridge: &str) -> Vec<Rule> {
             "-j",
             "ACCEPT",
         ]),
-    ]
+    ]);
+    rules
+}
+
+/// What the host protections guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostPorts {
+    /// The API's TCP address; guarded when it is on loopback.
+    pub api: std::net::SocketAddr,
+    /// The mesh port (TCP and UDP), and the port above it (UDP, Weave's fastdp port).
+    pub mesh: u16,
+    /// The address of Docker's bridge, when there is one.
+    pub docker_bridge_ip: Option<std::net::Ipv4Addr>,
+}
+
+/// The rules of [`INPUT_CHAIN`].
+fn input_rules(ports: &HostPorts) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    if ports.api.ip().is_loopback() {
+        let dst = ports.api.ip().to_string();
+        let port = ports.api.port().to_string();
+        rules.push(rule(&[
+            "-p",
+            "tcp",
+            "-d",
+            &dst,
+            "--dport",
+            &port,
+            "-m",
+            "addrtype",
+            "!",
+            "--src-type",
+            "LOCAL",
+            "-m",
+            "conntrack",
+            "!",
+            "--ctstate",
+            "RELATED,ESTABLISHED",
+            "-m",
+            "comment",
+            "--comment",
+            API_PORT_COMMENT,
+            "-j",
+            "DROP",
+        ]));
+    }
+    if let Some(ip) = ports.docker_bridge_ip {
+        let dst = ip.to_string();
+        let mesh = ports.mesh.to_string();
+        let above = ports.mesh.saturating_add(1).to_string();
+        for (proto, port) in [("tcp", &mesh), ("udp", &mesh), ("udp", &above)] {
+            rules.push(rule(&[
+                "-i",
+                DOCKER_BRIDGE,
+                "-p",
+                proto,
+                "-d",
+                &dst,
+                "--dport",
+                port,
+                "-j",
+                "DROP",
+            ]));
+        }
+    }
+    rules
+}
+
+/// Install the host protections: [`INPUT_CHAIN`] refilled (Docker's bridge may have a new
+/// address) and hooked first in `INPUT`.
+pub async fn ensure_input_rules(ports: &HostPorts) -> Result<(), IptablesError> {
+    ensure_chain("filter", INPUT_CHAIN).await?;
+    must(&with("filter", "-F", INPUT_CHAIN, &[])).await?;
+    for r in input_rules(ports) {
+        must(&with("filter", "-A", INPUT_CHAIN, &r)).await?;
+    }
+    let hook = rule(&["-j", INPUT_CHAIN]);
+    if !exists("filter", "INPUT", &hook).await? {
+        let mut args = with("filter", "-I", "INPUT", &["1".to_string()]);
+        args.extend_from_slice(&hook);
+        must(&args).await?;
+    }
+    Ok(())
 }
 
 /// The nat `WEAVE` rules for an exposed subnet.
@@ -271,6 +369,10 @@ pub async fn hide_rules(cidr: Ipv4Cidr) -> Result<(), IptablesError> {
 /// `weave reset`: every rule and chain above.
 pub async fn remove_all(bridge: &str) -> Result<(), IptablesError> {
     remove_forward_rules(bridge).await?;
+    if chain_exists("filter", INPUT_CHAIN).await? {
+        delete_all("filter", "INPUT", &rule(&["-j", INPUT_CHAIN])).await?;
+    }
+    remove_chain("filter", INPUT_CHAIN).await?;
     if chain_exists("nat", NAT_CHAIN).await? {
         delete_all("nat", "POSTROUTING", &rule(&["-j", NAT_CHAIN])).await?;
     }
@@ -289,6 +391,7 @@ mod tests {
         assert_eq!(
             rules,
             [
+                "-i docker0 -o weave -j DROP",
                 "-i weave -o weave -j ACCEPT",
                 "-o weave -j WEAVE-EXPOSE",
                 "-i weave ! -o weave -j ACCEPT",
@@ -310,6 +413,41 @@ mod tests {
             ]
         );
         assert_eq!(expose_filter_rule(c).join(" "), "-d 10.2.1.0/24 -j ACCEPT");
+    }
+
+    #[test]
+    fn docker_bridge_is_not_dropped_from_itself() {
+        let rules: Vec<String> = forward_rules("docker0")
+            .iter()
+            .map(|r| r.join(" "))
+            .collect();
+        assert!(!rules.iter().any(|r| r.contains("DROP")), "{rules:?}");
+    }
+
+    #[test]
+    fn input_rules_guard_the_api_and_the_mesh_ports() {
+        let ports = HostPorts {
+            api: "127.0.0.1:6784".parse().expect("addr"),
+            mesh: 6783,
+            docker_bridge_ip: Some("172.17.0.1".parse().expect("ip")),
+        };
+        let rules: Vec<String> = input_rules(&ports).iter().map(|r| r.join(" ")).collect();
+        assert_eq!(
+            rules,
+            [
+                "-p tcp -d 127.0.0.1 --dport 6784 -m addrtype ! --src-type LOCAL -m conntrack ! --ctstate RELATED,ESTABLISHED -m comment --comment Block non-local access to Weave Net control port -j DROP",
+                "-i docker0 -p tcp -d 172.17.0.1 --dport 6783 -j DROP",
+                "-i docker0 -p udp -d 172.17.0.1 --dport 6783 -j DROP",
+                "-i docker0 -p udp -d 172.17.0.1 --dport 6784 -j DROP",
+            ]
+        );
+        // No Docker bridge, API not on loopback: nothing to guard.
+        let none = HostPorts {
+            api: "0.0.0.0:6784".parse().expect("addr"),
+            mesh: 6783,
+            docker_bridge_ip: None,
+        };
+        assert!(input_rules(&none).is_empty());
     }
 
     #[test]

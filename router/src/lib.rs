@@ -151,6 +151,12 @@ pub async fn run(
     let mac = bridge.ensure(config.mtu).await?;
     bridge.ensure_capture_port().await?;
     iptables::ensure_forward_rules(&config.bridge_name).await?;
+    iptables::ensure_input_rules(&iptables::HostPorts {
+        api: config.http_addr,
+        mesh: config.port,
+        docker_bridge_ip: bridge.link_ipv4(iptables::DOCKER_BRIDGE).await?,
+    })
+    .await?;
     iptables::flush_expose_rules().await?;
     for cidr in bridge.bridge_addrs().await? {
         iptables::expose_rules(&config.bridge_name, cidr, false).await?;

@@ -552,6 +552,16 @@ impl Bridge {
         }
     }
 
+    /// The first IPv4 address of another link (Docker's bridge, `docker0`); `None` when that
+    /// link or its address is absent.
+    pub async fn link_ipv4(&self, name: &str) -> Result<Option<std::net::Ipv4Addr>, BridgeError> {
+        let Some(link) = nl::link_by_name(&self.handle, name).await? else {
+            return Ok(None);
+        };
+        let addrs = nl::ipv4_addrs(&self.handle, link.header.index, name).await?;
+        Ok(addrs.first().map(|(cidr, _)| cidr.addr))
+    }
+
     /// The IPv4 addresses on the bridge.
     pub async fn bridge_addrs(&self) -> Result<Vec<Ipv4Cidr>, BridgeError> {
         let link = self.bridge_link().await?;
