@@ -50,12 +50,14 @@ fn hello_only(i: u64) -> Vec<u8> {
     out
 }
 
-/// Keep `count` connections to `target` open from `host`'s netns until `stop`: half of them
-/// send a Hello and go silent, half send garbage after a valid header. Closed ones are reopened.
+/// Keep `count` connections to `target` open from `host`'s netns until `stop`: they send a
+/// Hello and go silent, or (every other one, with `garbage`) send garbage after a valid header.
+/// Closed ones are reopened.
 fn flood(
     host: &Host,
     target: SocketAddr,
     count: usize,
+    garbage: bool,
     stop: Arc<AtomicBool>,
 ) -> Result<(JoinHandle<()>, Arc<FloodStats>)> {
     let netns = std::fs::File::open(format!("/run/netns/{}", host.name()))
@@ -80,7 +82,7 @@ fn flood(
                     };
                     s.connects.fetch_add(1, Ordering::Relaxed);
                     n += 1;
-                    let payload = if i % 2 == 0 {
+                    let payload = if !garbage || i % 2 == 0 {
                         hello_only(n)
                     } else {
                         let mut g = b"weave\x04\x04".to_vec();
@@ -121,6 +123,19 @@ fn flood(
     Ok((handle, stats))
 }
 
+/// One TCP connect to `target` from `host`'s netns (the underlay is not reachable from ours).
+fn connect_from(host: &Host, target: SocketAddr) -> Result<()> {
+    let netns = std::fs::File::open(format!("/run/netns/{}", host.name()))
+        .with_context(|| format!("netns of {}", host.name()))?;
+    std::thread::spawn(move || -> Result<()> {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("connect thread panicked"))?
+}
+
 /// Resident memory of the router on `h` (the `weave` container's init process), in KiB.
 fn router_rss_kib(h: &Host) -> Result<u64> {
     let pid = h
@@ -146,30 +161,32 @@ fn handshake_flood_does_not_stop_real_peers() -> Result<()> {
         launch(h1, &["--password", PASSWORD])?;
         let target: SocketAddr = format!("{a1}:6783").parse()?;
         // The router is up and listening before we measure it.
-        eventually("h1 listens", patience(), || {
-            TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
-            Ok(())
-        })?;
+        eventually("h1 listens", patience(), || connect_from(h3, target))?;
         let rss_before = router_rss_kib(h1)?;
 
-        // 150 connections from a third host, and 50 from the real peer's own address, so that
-        // peer's inbound budget at h1 is used up too.
+        // 150 connections (Hello-only and garbage) from a third host, and 50 Hello-only ones
+        // from the real peer's own address: they hold that address's inbound slots at h1 until
+        // their handshake deadline, so h2's own dial to h1 is refused.
         let stop = Arc::new(AtomicBool::new(false));
-        let (t3, s3) = flood(h3, target, 150, stop.clone())?;
-        let (t2, s2) = flood(h2, target, 50, stop.clone())?;
+        let (t3, s3) = flood(h3, target, 150, true, stop.clone())?;
+        let (t2, s2) = flood(h2, target, 50, false, stop.clone())?;
         let result = (|| -> Result<()> {
-            eventually("the flood is on: slots held, extra connections closed", patience(), || {
-                let (answered, closed) = (
-                    s3.answered.load(Ordering::Relaxed) + s2.answered.load(Ordering::Relaxed),
-                    s3.closed_by_listener.load(Ordering::Relaxed)
-                        + s2.closed_by_listener.load(Ordering::Relaxed),
-                );
-                ensure!(
-                    answered >= 2 && closed >= 200,
-                    "answered {answered}, closed {closed}"
-                );
-                Ok(())
-            })?;
+            eventually(
+                "the flood is on: slots held, extra connections closed",
+                patience(),
+                || {
+                    let (answered, closed) = (
+                        s3.answered.load(Ordering::Relaxed) + s2.answered.load(Ordering::Relaxed),
+                        s3.closed_by_listener.load(Ordering::Relaxed)
+                            + s2.closed_by_listener.load(Ordering::Relaxed),
+                    );
+                    ensure!(
+                        answered >= 2 && closed >= 200,
+                        "answered {answered}, closed {closed}"
+                    );
+                    Ok(())
+                },
+            )?;
             let mut rss_during = router_rss_kib(h1)?;
 
             // The real peer joins during the flood; h1 also dials it (`weave connect`), which
@@ -194,6 +211,12 @@ fn handshake_flood_does_not_stop_real_peers() -> Result<()> {
             ensure!(
                 line1.contains("encrypted") && line2.contains("encrypted"),
                 "{line1} / {line2}"
+            );
+            // h2's dial found no inbound slot for its address: the connection is h1's dial,
+            // which no inbound handshake can hold up.
+            ensure!(
+                line1.starts_with("->") && line2.starts_with("<-"),
+                "the connection must be h1's outbound one: {line1} / {line2}"
             );
             // The flood kept going the whole time.
             let connects =
