@@ -654,10 +654,28 @@ async fn connection(
     let est = match result {
         Ok(est) => est,
         Err(e) => {
-            tracing::warn!(
-                "{}[{addr}]: connection shutting down due to error during handshake: {e}",
-                arrow(outbound)
-            );
+            // Inbound garbage (not our protocol, or cut off) is what a flood sends: debug only,
+            // so it cannot fill the logs. Everything else stays visible.
+            let noise = !outbound
+                && matches!(
+                    e,
+                    ConnFailure::Eof
+                        | ConnFailure::Io(_)
+                        | ConnFailure::Handshake(
+                            HandshakeError::BadMagic | HandshakeError::Malformed(_)
+                        )
+                );
+            if noise {
+                tracing::debug!(
+                    "{}[{addr}]: connection shutting down due to error during handshake: {e}",
+                    arrow(outbound)
+                );
+            } else {
+                tracing::warn!(
+                    "{}[{addr}]: connection shutting down due to error during handshake: {e}",
+                    arrow(outbound)
+                );
+            }
             if outbound {
                 let _ = ctx
                     .to_mesh

@@ -694,11 +694,6 @@ impl Handshake {
         Err(HandshakeError::Timeout)
     }
 
-    /// Whether the remote's header has been received and accepted (it spoke our protocol).
-    pub fn header_received(&self) -> bool {
-        !matches!(self.state, State::Header)
-    }
-
     /// Feed received bytes.
     pub fn on_bytes(&mut self, now: Instant, data: &[u8]) -> Result<Progress, HandshakeError> {
         match self.state {
