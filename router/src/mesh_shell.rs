@@ -2,11 +2,16 @@
 //! core in [`crate::mesh`].
 //!
 //! Tasks, each owning its own state (no shared state behind a mutex):
-//! - the **acceptor** (`accept_loop`) takes inbound connections, paced by a token bucket
-//!   (burst 20, then one per 50 ms), and spawns a connection task for each;
-//! - one **connection task** per TCP connection (`connection`) runs the [`Handshake`]
-//!   (Argon2id in `spawn_blocking`, at most [`KDF_SLOTS`] at once), registers with the mesh task,
-//!   then drives the [`Conn`] (heartbeats, rekeying) until an error or a close;
+//! - the **acceptor** (`accept_loop`) takes inbound connections. Each one must first get a
+//!   handshake slot ([`PendingLimits`]: at most [`MAX_PENDING_INBOUND`] inbound handshakes in
+//!   progress, [`MAX_PENDING_PER_IP`] per source address; extra connections are closed at once,
+//!   counted and logged at debug level, rate limited). Admitted ones are paced by a token bucket
+//!   (burst 20, then one per 50 ms) and get a connection task. Our own dials never take these
+//!   slots: their budget is the connection maker's (`conn_limit`), so an inbound flood cannot
+//!   stop the mesh from reconnecting;
+//! - one **connection task** per TCP connection (`connection`) runs the [`Handshake`] (cheap: the
+//!   password is stretched once at start), registers with the mesh task, then drives the
+//!   [`Conn`] (heartbeats, rekeying) until an error or a close;
 //! - the **mesh task** (`Mesh`) owns the topology (behind its [`GossipChannel`]), the routes, the
 //!   [`ConnectionMaker`] and the registry of live connections; it dials, gossips, decides
 //!   duplicates and publishes the status on a `watch` channel.
@@ -22,18 +27,18 @@
 //! its forwarder (same connection UID) is established over UDP, and is torn down with
 //! `timed out waiting for UDP heartbeat` when that forwarder hears nothing for 60 s.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand_core::OsRng;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::addr::Ipv4Cidr;
@@ -56,8 +61,13 @@ use crate::status::{
 
 /// The topology gossip channel.
 pub const TOPOLOGY_CHANNEL: &str = "topology";
-/// Concurrent Argon2id runs (each holds 32 MiB with the default parameters).
-pub const KDF_SLOTS: usize = 2;
+/// Inbound connections still in their handshake, in total (spec §2.1 pacing is not enough: a
+/// Hello-only connection holds its task until the handshake deadline).
+pub const MAX_PENDING_INBOUND: usize = 64;
+/// Inbound connections still in their handshake from one source address.
+pub const MAX_PENDING_PER_IP: usize = 4;
+/// At most one debug line per this interval about refused inbound connections.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// Deadline for the TCP connect of a dial.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accept pacing (spec §2.1): burst, then one per interval.
@@ -314,13 +324,18 @@ pub async fn start(
         .filter(|p| !p.is_empty())
         .map(String::into_bytes);
     hs.kdf = config.kdf;
+    // Argon2id once, now, off the async threads: handshakes then do no expensive work.
+    let stretch = hs.clone();
+    tokio::task::spawn_blocking(move || stretch.stretched_password())
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(std::io::Error::other)?;
     let (to_mesh, from_conns) = mpsc::channel(TO_MESH_QUEUE);
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (event_tx, events) = mpsc::unbounded_channel();
     let ctx = Arc::new(ConnCtx {
         hs,
         trusted_subnets: config.trusted_subnets.clone(),
-        kdf_slots: Semaphore::new(KDF_SLOTS),
         to_mesh,
     });
     let initial = resolve_peers(&config.peers, config.port).await;
@@ -362,18 +377,131 @@ fn pace(tat: Instant, now: Instant, interval: Duration, burst: u32) -> (Instant,
     (tat, tat.saturating_duration_since(allowed))
 }
 
+/// Why an inbound connection was refused before its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// [`MAX_PENDING_INBOUND`] handshakes already in progress.
+    Global,
+    /// [`MAX_PENDING_PER_IP`] handshakes already in progress from this address.
+    PerIp,
+}
+
+/// Admission of inbound connections to the handshake: a global cap and a per-source-address cap
+/// on handshakes in progress. Pure bookkeeping; the shell holds a [`PendingSlot`] per admitted
+/// connection, which gives the slot back when dropped.
+#[derive(Debug)]
+pub struct PendingLimits {
+    global_max: usize,
+    per_ip_max: usize,
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+impl PendingLimits {
+    pub fn new(global_max: usize, per_ip_max: usize) -> Self {
+        PendingLimits {
+            global_max,
+            per_ip_max,
+            total: 0,
+            per_ip: HashMap::new(),
+        }
+    }
+
+    /// Take a slot for a handshake from `ip`.
+    pub fn try_admit(&mut self, ip: IpAddr) -> Result<(), Refusal> {
+        if self.total >= self.global_max {
+            return Err(Refusal::Global);
+        }
+        let n = self.per_ip.entry(ip).or_insert(0);
+        if *n >= self.per_ip_max {
+            return Err(Refusal::PerIp);
+        }
+        *n += 1;
+        self.total += 1;
+        Ok(())
+    }
+
+    /// Give back a slot taken by [`try_admit`](Self::try_admit).
+    pub fn release(&mut self, ip: IpAddr) {
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+            self.total = self.total.saturating_sub(1);
+        }
+    }
+
+    /// Handshakes in progress.
+    pub fn pending(&self) -> usize {
+        self.total
+    }
+}
+
+/// An admitted inbound connection's handshake slot; released when dropped (handshake over, or
+/// the task ended any other way).
+struct PendingSlot {
+    limits: Arc<Mutex<PendingLimits>>,
+    ip: IpAddr,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        // Poisoning only means a panic elsewhere mid-update; the counts are still usable.
+        let mut l = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        l.release(self.ip);
+    }
+}
+
 async fn accept_loop(listener: TcpListener, ctx: Arc<ConnCtx>) {
     let mut tat = Instant::now();
+    let limits = Arc::new(Mutex::new(PendingLimits::new(
+        MAX_PENDING_INBOUND,
+        MAX_PENDING_PER_IP,
+    )));
+    let (mut refused, mut last_log): (u64, Option<Instant>) = (0, None);
     loop {
-        match listener.accept().await {
-            Ok((stream, addr)) => {
-                tokio::spawn(connection(next_id(), stream, addr, false, ctx.clone()));
-            }
+        let (stream, addr) = match listener.accept().await {
+            Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "mesh accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
+        };
+        let admitted = limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_admit(addr.ip());
+        if let Err(why) = admitted {
+            // Closed at once (dropping the stream): no task, no buffer, no pacing delay.
+            drop(stream);
+            refused += 1;
+            let now = Instant::now();
+            if last_log.is_none_or(|t| now.saturating_duration_since(t) >= REFUSAL_LOG_INTERVAL) {
+                tracing::debug!(
+                    %addr,
+                    reason = ?why,
+                    refused,
+                    "refusing inbound connections: too many handshakes in progress"
+                );
+                last_log = Some(now);
+                refused = 0;
+            }
+            continue;
         }
+        let slot = PendingSlot {
+            limits: limits.clone(),
+            ip: addr.ip(),
+        };
+        tokio::spawn(connection(
+            next_id(),
+            stream,
+            addr,
+            false,
+            ctx.clone(),
+            Some(slot),
+        ));
         let (next, wait) = pace(tat, Instant::now(), ACCEPT_INTERVAL, ACCEPT_BURST);
         tat = next;
         if !wait.is_zero() {
@@ -391,7 +519,6 @@ fn next_id() -> u64 {
 struct ConnCtx {
     hs: HandshakeConfig,
     trusted_subnets: Vec<Ipv4Cidr>,
-    kdf_slots: Semaphore,
     to_mesh: mpsc::Sender<ToMesh>,
 }
 
@@ -445,8 +572,6 @@ enum ConnFailure {
     Io(#[from] std::io::Error),
     #[error("connection closed by the remote")]
     Eof,
-    #[error("{0}")]
-    Other(String),
 }
 
 impl ConnFailure {
@@ -484,7 +609,6 @@ async fn handshake(
     outbound: bool,
     ctx: &ConnCtx,
 ) -> Result<Established, ConnFailure> {
-    let encrypted = ctx.hs.password.is_some();
     let trust = trusts(&ctx.trusted_subnets, addr.ip());
     let mut hs = Handshake::with_trust(&ctx.hs, outbound, trust, Instant::now(), &mut OsRng);
     write_all_hs(&mut hs, stream).await?;
@@ -500,25 +624,7 @@ async fn handshake(
         if n == 0 {
             return Err(ConnFailure::Eof);
         }
-        let data = buf.get(..n).unwrap_or_default().to_vec();
-        let result = if encrypted {
-            // Argon2id may run in this call: off the async threads, and bounded.
-            let _permit = ctx
-                .kdf_slots
-                .acquire()
-                .await
-                .map_err(|e| ConnFailure::Other(e.to_string()))?;
-            let (back, result) = tokio::task::spawn_blocking(move || {
-                let r = hs.on_bytes(Instant::now(), &data);
-                (hs, r)
-            })
-            .await
-            .map_err(|e| ConnFailure::Other(e.to_string()))?;
-            hs = back;
-            result
-        } else {
-            hs.on_bytes(Instant::now(), &data)
-        };
+        let result = hs.on_bytes(Instant::now(), buf.get(..n).unwrap_or_default());
         // Also after an error: the handshake may have queued an Abort for the remote.
         let flushed = write_all_hs(&mut hs, stream).await;
         match result {
@@ -532,22 +638,44 @@ async fn handshake(
     }
 }
 
-/// One mesh TCP connection, from the handshake to its end.
+/// One mesh TCP connection, from the handshake to its end. `slot`: an inbound connection's
+/// handshake slot, given back as soon as the handshake is over.
 async fn connection(
     id: u64,
     mut stream: TcpStream,
     addr: SocketAddr,
     outbound: bool,
     ctx: Arc<ConnCtx>,
+    slot: Option<PendingSlot>,
 ) {
     let _ = stream.set_nodelay(true);
-    let est = match handshake(&mut stream, addr, outbound, &ctx).await {
+    let result = handshake(&mut stream, addr, outbound, &ctx).await;
+    drop(slot);
+    let est = match result {
         Ok(est) => est,
         Err(e) => {
-            tracing::warn!(
-                "{}[{addr}]: connection shutting down due to error during handshake: {e}",
-                arrow(outbound)
-            );
+            // Inbound garbage (not our protocol, or cut off) is what a flood sends: debug only,
+            // so it cannot fill the logs. Everything else stays visible.
+            let noise = !outbound
+                && matches!(
+                    e,
+                    ConnFailure::Eof
+                        | ConnFailure::Io(_)
+                        | ConnFailure::Handshake(
+                            HandshakeError::BadMagic | HandshakeError::Malformed(_)
+                        )
+                );
+            if noise {
+                tracing::debug!(
+                    "{}[{addr}]: connection shutting down due to error during handshake: {e}",
+                    arrow(outbound)
+                );
+            } else {
+                tracing::warn!(
+                    "{}[{addr}]: connection shutting down due to error during handshake: {e}",
+                    arrow(outbound)
+                );
+            }
             if outbound {
                 let _ = ctx
                     .to_mesh
@@ -811,7 +939,7 @@ impl Mesh {
         tokio::spawn(async move {
             let error = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
-                    connection(next_id(), stream, addr, true, ctx).await;
+                    connection(next_id(), stream, addr, true, ctx, None).await;
                     return;
                 }
                 Ok(Err(e)) => format!("dial tcp4 {addr}: {e}"),
@@ -1460,6 +1588,95 @@ mod tests {
             .await
             .is_ok_and(|r| r.is_ok());
         assert!(waited, "{what}: {:#?}", rx.borrow().router);
+    }
+
+    #[test]
+    fn pending_limits() {
+        let (x, y): (IpAddr, IpAddr) = (
+            "10.0.0.1".parse().expect("ip"),
+            "10.0.0.2".parse().expect("ip"),
+        );
+        let mut l = PendingLimits::new(3, 2);
+        assert_eq!(l.try_admit(x), Ok(()));
+        assert_eq!(l.try_admit(x), Ok(()));
+        assert_eq!(l.try_admit(x), Err(Refusal::PerIp));
+        assert_eq!(l.try_admit(y), Ok(()));
+        assert_eq!(l.try_admit(y), Err(Refusal::Global));
+        assert_eq!(l.pending(), 3);
+        l.release(x);
+        assert_eq!(l.try_admit(y), Ok(()));
+        assert_eq!(l.try_admit(x), Err(Refusal::Global));
+        // Releasing an address that holds nothing changes nothing.
+        l.release("10.9.9.9".parse().expect("ip"));
+        assert_eq!(l.pending(), 3);
+        for ip in [x, y, y] {
+            l.release(ip);
+        }
+        assert_eq!(l.pending(), 0);
+        assert_eq!(l.try_admit(x), Ok(()));
+    }
+
+    /// Stalled handshakes (a valid header and Hello, then silence) from the same address as a
+    /// real peer fill that address's inbound slots: the listener refuses the peer's own dial,
+    /// yet the two connect through the listener's outbound dial, which takes no inbound slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_handshakes_do_not_stop_outbound_dials() {
+        let (pa, pb) = (free_port(), free_port());
+        let (tx_a, mut rx_a) = watch::channel(snapshot(1, pa));
+        let (tx_b, _rx_b) = watch::channel(snapshot(2, pb));
+        let _a = start(
+            mesh_config(1, pa, "pw", vec![format!("127.0.0.1:{pb}")]),
+            tx_a,
+        )
+        .await
+        .expect("mesh a");
+        let mut stalled = Vec::new();
+        let cfg = crate::mesh::handshake::tests::config(9, Some("pw"));
+        for _ in 0..(MAX_PENDING_PER_IP + 20) {
+            let mut s = TcpStream::connect(("127.0.0.1", pa))
+                .await
+                .expect("connect");
+            let mut hs = Handshake::new(&cfg, true, Instant::now(), &mut OsRng);
+            while let Some(b) = hs.poll_transmit() {
+                // The refused ones may already be closed.
+                let _ = s.write_all(&b).await;
+            }
+            stalled.push(s);
+        }
+        // The refused connections are closed by the listener; the admitted ones stay open.
+        let mut open = 0;
+        for s in &mut stalled {
+            let mut buf = [0u8; 1024];
+            let closed = matches!(
+                tokio::time::timeout(Duration::from_millis(500), async {
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return true,
+                            Ok(_) => {}
+                        }
+                    }
+                })
+                .await,
+                Ok(true)
+            );
+            if !closed {
+                open += 1;
+            }
+        }
+        assert_eq!(
+            open, MAX_PENDING_PER_IP,
+            "only the per-address budget is admitted"
+        );
+        let b = start(mesh_config(2, pb, "pw", vec![]), tx_b)
+            .await
+            .expect("mesh b");
+        wait_for(&mut rx_a, "a connected to b by its own dial", |s| {
+            s.router.connections.len() == 1
+                && s.router.connections[0].outbound
+                && s.router.connections[0].state == ConnectionState::Established
+        })
+        .await;
+        b.abort();
     }
 
     /// Two real meshes over loopback TCP: handshake, registration, gossip and status; then a

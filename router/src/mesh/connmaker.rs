@@ -86,7 +86,9 @@ pub enum TargetState {
     Connected { established: bool },
     /// Still a direct peer but not wanted now (e.g. connected at another address).
     Suspended,
-    /// Never retried (connect to self, name collision).
+    /// Never retried (connect to self, name collision), only set for an outcome the remote
+    /// authenticated (password mode); the shell reports unauthenticated ones as ordinary
+    /// failures, which back off, because anybody at the address could have claimed our name.
     Never,
 }
 
@@ -501,6 +503,27 @@ mod tests {
         assert!(cm.tick(t0 + MAX_INTERVAL * 2, &topo).is_empty());
         assert_eq!(cm.direct_peers(false), vec!["me".to_string()]);
         assert!(cm.direct_peers(true).is_empty());
+    }
+
+    #[test]
+    fn unauthenticated_self_only_backs_off() {
+        let t0 = Instant::now();
+        let topo = Topology::new(&peer(1));
+        let mut cm = ConnectionMaker::new(ConnMakerConfig::default(), PeerName::from_u64(1));
+        cm.connect(t0, vec![direct("maybe-me", "10.0.0.1:6783", true)], false);
+        let a = cm.tick(t0, &topo);
+        cm.on_attempt_failed(
+            t0,
+            a[0],
+            "cannot connect to ourself".into(),
+            false,
+            &mut OsRng,
+        );
+        let t = cm.targets().next().unwrap();
+        assert_eq!(t.state, TargetState::Waiting);
+        assert!(t.next_try > t0);
+        assert_eq!(cm.tick(t0 + MAX_INTERVAL * 2, &topo), a);
+        assert_eq!(cm.direct_peers(true), vec!["maybe-me".to_string()]);
     }
 
     #[test]

@@ -5,34 +5,42 @@
 //!    Go Weave 2.8 peer, which speaks 1..2, fails with its "incompatible version range" error and we
 //!    fail with [`HandshakeError::VersionMismatch`]). The chosen version is the top of the overlap.
 //! 2. Each side sends a `Hello` frame (`[u32 len][body]`): encryption flag, peer name, UID,
-//!    connection id, 32-byte nonce, ephemeral X25519 public key, KDF parameters, nickname.
-//! 3. Without a password, done. With one: both derive the keys from the X25519 output, the
-//!    Argon2id-stretched password (salt from both nonces) and the transcript hash; the dialler sends
-//!    a `Confirm` MAC, the listener checks it, then sends its own, which the dialler checks. A check
-//!    that fails yields [`HandshakeError::PasswordMismatch`], and the side that noticed sends an
+//!    connection id, 32-byte nonce, KDF parameters, nickname.
+//! 3. Without a password, done. With one, a balanced PAKE (CPace over ristretto255, see
+//!    [`super::cpace`]): each side sends a `Share` `y·G`, where the generator `G` is derived from
+//!    the stretched password, both names and UIDs, and both nonces; both compute the CPace ISK,
+//!    derive every key from it and the whole transcript, and send a `Confirm` MAC. A MAC that
+//!    does not check yields [`HandshakeError::PasswordMismatch`], and the side that noticed sends an
 //!    `Abort` frame so the other one reports the same.
 //!
-//! The listener never emits anything derived from the password before the dialler has proven it
-//! knows it, so probing a listener gives no offline-guessing oracle.
+//! Nothing either side sends lets anyone test password guesses offline: a share is a random
+//! group element whatever the password, and a Confirm MAC can only be reproduced by someone who
+//! knows the discrete log of its own share with respect to the generator of the *right*
+//! password. An active attacker gets one guess per connection. Peer names and UIDs are only
+//! trusted after the Confirm check, so "connect to self"/"name collision" learnt from an
+//! unauthenticated Hello are never permanent (see [`HandshakeError::is_permanent`]).
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use curve25519_dalek::scalar::Scalar;
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use rand_core::{CryptoRng, RngCore};
 use sha2::{Digest, Sha256};
-use x25519_dalek::{EphemeralSecret, PublicKey};
 
+use super::cpace;
 use super::peer::{Peer, PeerName, PeerUid, MAX_NICKNAME_LEN};
 use super::wire::{put_short_str, FrameCodec, FrameError, Reader};
 
 /// The protocol identifier at the start of every connection.
 pub const PROTOCOL_MAGIC: &[u8; 5] = b"weave";
 /// Lowest protocol version we speak. Go Weave speaks 1..2; our wire format is not compatible.
-pub const PROTOCOL_MIN_VERSION: u8 = 3;
+/// Version 3 was our X25519 + confirm handshake (an offline-guessing oracle): not spoken.
+pub const PROTOCOL_MIN_VERSION: u8 = 4;
 /// Highest protocol version we speak.
-pub const PROTOCOL_MAX_VERSION: u8 = 3;
+pub const PROTOCOL_MAX_VERSION: u8 = 4;
 /// Length of the protocol header.
 pub const HEADER_LEN: usize = 7;
 /// Cap on handshake frames (a Hello is < 400 bytes).
@@ -42,14 +50,16 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline for the rest of the handshake.
 pub const INTRO_TIMEOUT: Duration = Duration::from_secs(60);
 
-const LABEL: &[u8] = b"weave-mesh v3";
+const LABEL: &[u8] = b"weave-mesh v4";
 const MSG_HELLO: u8 = 1;
 const MSG_CONFIRM: u8 = 2;
 const MSG_ABORT: u8 = 3;
+const MSG_SHARE: u8 = 4;
 const FLAG_ENCRYPT: u8 = 1;
 const FLAG_TRUSTS_YOU: u8 = 2;
 
-/// Argon2id cost parameters for stretching the password (one run per handshake, per side).
+/// Argon2id cost parameters for stretching the password (one run per process, see
+/// [`HandshakeConfig::stretched_password`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KdfParams {
     /// Memory in KiB.
@@ -81,6 +91,13 @@ impl Default for KdfParams {
     }
 }
 
+/// The stretched password and what it was computed from (so a changed password or KDF setting
+/// is never served a stale value).
+struct StretchedPassword {
+    inputs: [u8; 32],
+    prs: [u8; 32],
+}
+
 /// What we present to every remote.
 #[derive(Clone)]
 pub struct HandshakeConfig {
@@ -92,6 +109,8 @@ pub struct HandshakeConfig {
     /// Mesh password; `None` (or empty) = no encryption, as in Weave.
     pub password: Option<Vec<u8>>,
     pub kdf: KdfParams,
+    /// Shared by clones: the Argon2id output, computed once per process.
+    stretched: Arc<Mutex<Option<StretchedPassword>>>,
 }
 
 impl fmt::Debug for HandshakeConfig {
@@ -117,12 +136,56 @@ impl HandshakeConfig {
             max_version: PROTOCOL_MAX_VERSION,
             password: None,
             kdf: KdfParams::DEFAULT,
+            stretched: Arc::default(),
         }
     }
 
     fn encrypted(&self) -> bool {
         self.password.as_ref().is_some_and(|p| !p.is_empty())
     }
+
+    /// The CPace password-related string: Argon2id(password) with a fixed, mesh-wide salt.
+    /// Computed on first use and cached (shared by clones of this config), so the shell should
+    /// call this once at start-up, off the async threads: a handshake then costs a hash-to-group
+    /// and two scalar multiplications, not tens of ms and MiBs of Argon2 per connection attempt.
+    /// `Ok(None)` without a password.
+    pub fn stretched_password(&self) -> Result<Option<[u8; 32]>, HandshakeError> {
+        let Some(password) = self.password.as_deref().filter(|p| !p.is_empty()) else {
+            return Ok(None);
+        };
+        let mut h = Sha256::new();
+        h.update(password);
+        h.update(self.kdf.m_cost_kib.to_be_bytes());
+        h.update(self.kdf.t_cost.to_be_bytes());
+        h.update(self.kdf.p_cost.to_be_bytes());
+        let inputs: [u8; 32] = h.finalize().into();
+        // A poisoned lock only means another thread panicked mid-stretch: recompute.
+        let mut cache = self.stretched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.as_ref().filter(|c| c.inputs == inputs) {
+            return Ok(Some(c.prs));
+        }
+        let prs = stretch(password, self.kdf)?;
+        *cache = Some(StretchedPassword { inputs, prs });
+        Ok(Some(prs))
+    }
+}
+
+/// Argon2id(password, salt = SHA-256(label ‖ " password salt")). The salt is the same for the
+/// whole mesh (every peer must derive the same PRS); it only makes the PRS specific to this
+/// protocol. The PAKE, not the salt, is what stops offline guessing.
+fn stretch(password: &[u8], kdf: KdfParams) -> Result<[u8; 32], HandshakeError> {
+    let mut h = Sha256::new();
+    h.update(LABEL);
+    h.update(b" password salt");
+    let salt: [u8; 32] = h.finalize().into();
+    let params = argon2::Params::new(kdf.m_cost_kib, kdf.t_cost, kdf.p_cost, Some(32))
+        .map_err(|e| HandshakeError::Kdf(e.to_string()))?;
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut out = [0u8; 32];
+    argon
+        .hash_password_into(password, &salt, &mut out)
+        .map_err(|e| HandshakeError::Kdf(e.to_string()))?;
+    Ok(out)
 }
 
 /// Why a handshake failed. The `Display` text is what the shell logs.
@@ -145,11 +208,12 @@ pub enum HandshakeError {
     PasswordMismatch,
     #[error("peer uses different password-stretching (KDF) parameters")]
     KdfMismatch,
+    /// `authenticated`: the remote proved it knows the mesh password (so the claim is genuine).
     #[error("cannot connect to ourself")]
-    ConnectToSelf,
+    ConnectToSelf { authenticated: bool },
     #[error("peer names collision: remote {name} uses our name with another UID")]
-    NameCollision { name: PeerName },
-    #[error("remote public key is invalid (low order point)")]
+    NameCollision { name: PeerName, authenticated: bool },
+    #[error("remote key share is invalid")]
     WeakKey,
     #[error("malformed handshake message: {0}")]
     Malformed(&'static str),
@@ -166,11 +230,18 @@ pub enum HandshakeError {
 }
 
 impl HandshakeError {
-    /// Errors after which the target must never be retried (spec §2.5).
+    /// Errors after which the target must never be retried (spec §2.5): connecting to ourself or
+    /// a name collision, and only when the remote authenticated (password mode). Without a
+    /// password anybody at the target address can claim our name, so those only back off.
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            HandshakeError::ConnectToSelf | HandshakeError::NameCollision { .. }
+            HandshakeError::ConnectToSelf {
+                authenticated: true
+            } | HandshakeError::NameCollision {
+                authenticated: true,
+                ..
+            }
         )
     }
 
@@ -261,6 +332,13 @@ pub(crate) fn derive_keys(
     )
 }
 
+/// The Confirm tag: HMAC-SHA256(key, transcript hash).
+pub(crate) fn confirm_tag(key: &[u8; 32], th: &[u8; 32]) -> [u8; 32] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts any key length");
+    mac.update(th);
+    mac.finalize().into_bytes().into()
+}
+
 /// The result of a completed handshake.
 #[derive(Debug, Clone)]
 pub struct Established {
@@ -325,21 +403,19 @@ struct Hello {
     uid: PeerUid,
     conn_id: u64,
     nonce: [u8; 32],
-    public: [u8; 32],
     kdf: KdfParams,
     nickname: String,
 }
 
 impl Hello {
     fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(128 + self.nickname.len());
+        let mut b = Vec::with_capacity(96 + self.nickname.len());
         b.push(MSG_HELLO);
         b.push(self.flags);
         b.extend_from_slice(&self.name.to_bytes());
         b.extend_from_slice(&self.uid.0.to_be_bytes());
         b.extend_from_slice(&self.conn_id.to_be_bytes());
         b.extend_from_slice(&self.nonce);
-        b.extend_from_slice(&self.public);
         b.extend_from_slice(&self.kdf.m_cost_kib.to_be_bytes());
         b.extend_from_slice(&self.kdf.t_cost.to_be_bytes());
         b.extend_from_slice(&self.kdf.p_cost.to_be_bytes());
@@ -358,7 +434,6 @@ impl Hello {
         let uid = PeerUid(r.u64().map_err(bad)?);
         let conn_id = r.u64().map_err(bad)?;
         let nonce = r.array().map_err(bad)?;
-        let public = r.array().map_err(bad)?;
         let kdf = KdfParams {
             m_cost_kib: r.u32().map_err(bad)?,
             t_cost: r.u32().map_err(bad)?,
@@ -383,21 +458,93 @@ impl Hello {
             uid,
             conn_id,
             nonce,
-            public,
             kdf,
             nickname,
         })
     }
 }
 
+/// A frame `[type][32 bytes]` (Share, Confirm).
+fn decode_fixed(frame: &[u8], ty: u8, what: &'static str) -> Result<[u8; 32], HandshakeError> {
+    let mut r = Reader::new(frame);
+    let bad = |_| HandshakeError::Malformed(what);
+    if r.u8().map_err(bad)? != ty {
+        return Err(HandshakeError::Malformed(what));
+    }
+    let body = r.array().map_err(bad)?;
+    if !r.is_empty() {
+        return Err(HandshakeError::Malformed(what));
+    }
+    Ok(body)
+}
+
+/// The CPace inputs and outputs of one session, dialler ("i") first. Public so that tests (and
+/// the docs) can state exactly what an eavesdropper or an active attacker sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PakeInputs {
+    /// Channel identifier: `lv_cat(label, name_i ‖ uid_i, name_r ‖ uid_r)`.
+    pub ci: Vec<u8>,
+    /// Session id: `nonce_i ‖ nonce_r`.
+    pub sid: Vec<u8>,
+}
+
+impl PakeInputs {
+    /// `(name, uid, nonce)` of the dialler and of the listener.
+    pub fn new(i: (PeerName, PeerUid, &[u8; 32]), r: (PeerName, PeerUid, &[u8; 32])) -> Self {
+        let id = |n: PeerName, u: PeerUid| {
+            let mut v = n.to_bytes().to_vec();
+            v.extend_from_slice(&u.0.to_be_bytes());
+            v
+        };
+        let mut sid = i.2.to_vec();
+        sid.extend_from_slice(r.2);
+        PakeInputs {
+            ci: cpace::lv_cat(&[LABEL, &id(i.0, i.1), &id(r.0, r.1)]),
+            sid,
+        }
+    }
+}
+
+/// Transcript hash: label, version, then both headers, hellos and (password mode) shares, each
+/// length-prefixed, dialler first. `parts` = `[hdr_i, hdr_r, hello_i, hello_r, (share_i,
+/// share_r)]`.
+pub(crate) fn transcript_hash(version: u8, parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(LABEL);
+    h.update([version]);
+    for part in parts {
+        h.update((part.len() as u32).to_be_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
+}
+
+/// Session keys and the two Confirm keys from the CPace ISK: HKDF(salt = th, ikm = ISK), info
+/// bound to th again, epoch 0.
+pub(crate) fn keys_from_isk(
+    isk: &[u8; 64],
+    th: [u8; 32],
+    initiator: bool,
+) -> (SessionKeys, [u8; 32], [u8; 32]) {
+    derive_keys(&th, isk, th, 0, initiator)
+}
+
 enum State {
     Header,
     Hello,
+    /// Password mode: our share is sent, waiting for theirs.
+    Share {
+        pake: PakeInputs,
+        our_share: [u8; 32],
+        result: Box<Established>,
+        their_hello: Vec<u8>,
+        identity: Option<HandshakeError>,
+    },
     /// Password mode: waiting for the remote's key confirmation.
     Confirm {
         expect_key: [u8; 32],
-        send_key: Option<[u8; 32]>,
         result: Box<Established>,
+        identity: Option<HandshakeError>,
     },
     Done,
     Failed,
@@ -408,8 +555,9 @@ enum State {
 /// [`on_bytes`](Self::on_bytes), and call [`handle_timeout`](Self::handle_timeout) at
 /// [`poll_timeout`](Self::poll_timeout).
 ///
-/// In password mode one `on_bytes` call runs Argon2id (tens of ms with the default parameters):
-/// the shell should drive the handshake from a blocking-capable context.
+/// Every step is cheap (at most a hash-to-group and two scalar multiplications) provided the
+/// config's password was stretched beforehand ([`HandshakeConfig::stretched_password`]);
+/// otherwise the first Hello received runs Argon2id once.
 pub struct Handshake {
     config: HandshakeConfig,
     outbound: bool,
@@ -418,8 +566,8 @@ pub struct Handshake {
     rx: Vec<u8>,
     frames: FrameCodec,
     tx: Vec<Vec<u8>>,
-    secret: Option<EphemeralSecret>,
-    public: [u8; 32],
+    /// Our CPace scalar (password mode).
+    scalar: Scalar,
     nonce: [u8; 32],
     conn_id: u64,
     our_header: [u8; HEADER_LEN],
@@ -457,8 +605,7 @@ impl Handshake {
         now: Instant,
         rng: &mut R,
     ) -> Self {
-        let secret = EphemeralSecret::random_from_rng(&mut *rng);
-        let public = PublicKey::from(&secret).to_bytes();
+        let scalar = cpace::random_scalar(&mut *rng);
         let mut nonce = [0u8; 32];
         rng.fill_bytes(&mut nonce);
         let conn_id = rng.next_u64();
@@ -488,7 +635,6 @@ impl Handshake {
             uid: config.uid,
             conn_id,
             nonce,
-            public,
             kdf: if encrypted {
                 config.kdf
             } else {
@@ -512,8 +658,7 @@ impl Handshake {
             rx: Vec::new(),
             frames: FrameCodec::new(MAX_HANDSHAKE_FRAME),
             tx: vec![first],
-            secret: Some(secret),
-            public,
+            scalar,
             nonce,
             conn_id,
             our_header,
@@ -630,80 +775,87 @@ impl Handshake {
     fn on_frame(&mut self, frame: &[u8]) -> Result<Option<Box<Established>>, HandshakeError> {
         match std::mem::replace(&mut self.state, State::Failed) {
             State::Hello => self.on_hello(frame),
+            State::Share {
+                pake,
+                our_share,
+                result,
+                their_hello,
+                identity,
+            } => {
+                let their_share = decode_fixed(frame, MSG_SHARE, "expected key share")?;
+                self.on_share(pake, our_share, their_share, result, &their_hello, identity)?;
+                Ok(None)
+            }
             State::Confirm {
                 expect_key,
-                send_key,
                 result,
+                identity,
             } => {
-                let mut r = Reader::new(frame);
-                let bad = |_| HandshakeError::Malformed("truncated confirm");
-                if r.u8().map_err(bad)? != MSG_CONFIRM {
-                    return Err(HandshakeError::Malformed("expected confirm"));
-                }
-                let tag = r.bytes(32).map_err(bad)?;
-                if !r.is_empty() {
-                    return Err(HandshakeError::Malformed("trailing bytes after confirm"));
-                }
+                let tag = decode_fixed(frame, MSG_CONFIRM, "expected confirm")?;
                 let mut mac = Hmac::<Sha256>::new_from_slice(&expect_key)
                     .expect("HMAC accepts any key length");
                 mac.update(&result.transcript_hash);
-                mac.verify_slice(tag)
+                mac.verify_slice(&tag)
                     .map_err(|_| HandshakeError::PasswordMismatch)?;
-                if let Some(k) = send_key {
-                    self.send_confirm(&k, &result.transcript_hash);
+                // The remote knows the password: its name and UID are now trustworthy.
+                match identity {
+                    Some(e) => Err(e),
+                    None => Ok(Some(result)),
                 }
-                Ok(Some(result))
             }
             _ => Err(HandshakeError::Malformed("unexpected handshake frame")),
         }
     }
 
-    fn send_confirm(&mut self, key: &[u8; 32], th: &[u8; 32]) {
-        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts any key length");
-        mac.update(th);
-        let mut body = vec![MSG_CONFIRM];
-        body.extend_from_slice(&mac.finalize().into_bytes());
+    fn send_frame(&mut self, body: &[u8]) {
         let mut out = Vec::new();
-        let _ = FrameCodec::encode(&body, MAX_HANDSHAKE_FRAME, &mut out);
+        // Handshake frames are far below the cap.
+        let _ = FrameCodec::encode(body, MAX_HANDSHAKE_FRAME, &mut out);
         self.tx.push(out);
+    }
+
+    /// `ConnectToSelf`/`NameCollision` if the remote claims our name; `authenticated` says
+    /// whether this will only be reported after the remote proved it knows the password.
+    fn identity_check(&self, hello: &Hello, authenticated: bool) -> Option<HandshakeError> {
+        if hello.name != self.config.name {
+            return None;
+        }
+        Some(if hello.uid == self.config.uid {
+            HandshakeError::ConnectToSelf { authenticated }
+        } else {
+            HandshakeError::NameCollision {
+                name: hello.name,
+                authenticated,
+            }
+        })
     }
 
     fn on_hello(&mut self, frame: &[u8]) -> Result<Option<Box<Established>>, HandshakeError> {
         let hello = Hello::decode(frame)?;
-        if hello.name == self.config.name {
-            return Err(if hello.uid == self.config.uid {
-                HandshakeError::ConnectToSelf
-            } else {
-                HandshakeError::NameCollision { name: hello.name }
-            });
-        }
         let we_encrypt = self.config.encrypted();
         let they_encrypt = hello.flags & FLAG_ENCRYPT != 0;
+        if !we_encrypt {
+            // Plaintext mode: nothing will ever authenticate the remote's claims.
+            if let Some(e) = self.identity_check(&hello, false) {
+                return Err(e);
+            }
+        }
         if we_encrypt != they_encrypt {
             return Err(HandshakeError::EncryptionMismatch { we_encrypt });
         }
         if we_encrypt && hello.kdf != self.config.kdf {
             return Err(HandshakeError::KdfMismatch);
         }
-        // Transcript: label, version, both headers and both hellos, in dialler-then-listener order.
-        let (hdr_i, hdr_r, hello_i, hello_r): (&[u8], &[u8], &[u8], &[u8]) = if self.outbound {
-            (&self.our_header, &self.their_header, &self.our_hello, frame)
-        } else {
-            (&self.their_header, &self.our_header, frame, &self.our_hello)
-        };
-        let mut h = Sha256::new();
-        h.update(LABEL);
-        h.update([self.version]);
-        for part in [hdr_i, hdr_r, hello_i, hello_r] {
-            h.update((part.len() as u32).to_be_bytes());
-            h.update(part);
-        }
-        let th: [u8; 32] = h.finalize().into();
         let remote = Peer {
             name: hello.name,
             nickname: hello.nickname.clone(),
             uid: hello.uid,
             version: 0,
+        };
+        let (hdr_i, hdr_r, hello_i, hello_r): (&[u8], &[u8], &[u8], &[u8]) = if self.outbound {
+            (&self.our_header, &self.their_header, &self.our_hello, frame)
+        } else {
+            (&self.their_header, &self.our_header, frame, &self.our_hello)
         };
         let mut est = Box::new(Established {
             remote,
@@ -714,67 +866,95 @@ impl Handshake {
             conn_uid: self.conn_id ^ hello.conn_id,
             remote_trusts_us: hello.flags & FLAG_TRUSTS_YOU != 0,
             we_trust_remote: self.trust_remote,
-            transcript_hash: th,
+            transcript_hash: [0; 32],
             leftover: Vec::new(),
         });
         if !we_encrypt {
+            est.transcript_hash = transcript_hash(self.version, &[hdr_i, hdr_r, hello_i, hello_r]);
             return Ok(Some(est));
         }
-        let secret = self.secret.take().ok_or(HandshakeError::Failed)?;
-        let shared = secret.diffie_hellman(&PublicKey::from(hello.public));
-        if !shared.was_contributory() {
-            return Err(HandshakeError::WeakKey);
-        }
-        let stretched = self.stretch(&hello.nonce)?;
-        let (keys, conf_i, conf_r) =
-            derive_keys(&stretched, shared.as_bytes(), th, 0, self.outbound);
-        est.keys = Some(keys);
-        if self.outbound {
-            self.send_confirm(&conf_i, &th);
-            self.state = State::Confirm {
-                expect_key: conf_r,
-                send_key: None,
-                result: est,
-            };
+        let prs = self
+            .config
+            .stretched_password()?
+            .ok_or(HandshakeError::Failed)?;
+        let me = (self.config.name, self.config.uid, &self.nonce);
+        let them = (hello.name, hello.uid, &hello.nonce);
+        let pake = if self.outbound {
+            PakeInputs::new(me, them)
         } else {
-            self.state = State::Confirm {
-                expect_key: conf_i,
-                send_key: Some(conf_r),
-                result: est,
-            };
-        }
+            PakeInputs::new(them, me)
+        };
+        let g = cpace::generator(&prs, &pake.ci, &pake.sid);
+        let our_share = cpace::share(&self.scalar, &g);
+        let mut body = vec![MSG_SHARE];
+        body.extend_from_slice(&our_share);
+        self.send_frame(&body);
+        let identity = self.identity_check(&hello, true);
+        self.state = State::Share {
+            pake,
+            our_share,
+            result: est,
+            their_hello: frame.to_vec(),
+            identity,
+        };
         Ok(None)
     }
 
-    /// Argon2id(password, salt = H(label, dialler nonce, listener nonce)).
-    fn stretch(&self, their_nonce: &[u8; 32]) -> Result<[u8; 32], HandshakeError> {
-        let (n_i, n_r) = if self.outbound {
-            (&self.nonce, their_nonce)
+    fn on_share(
+        &mut self,
+        pake: PakeInputs,
+        our_share: [u8; 32],
+        their_share: [u8; 32],
+        mut result: Box<Established>,
+        their_hello: &[u8],
+        identity: Option<HandshakeError>,
+    ) -> Result<(), HandshakeError> {
+        let k =
+            cpace::shared_point(&self.scalar, &their_share).map_err(|_| HandshakeError::WeakKey)?;
+        let (share_i, share_r) = if self.outbound {
+            (our_share, their_share)
         } else {
-            (their_nonce, &self.nonce)
+            (their_share, our_share)
         };
-        let mut h = Sha256::new();
-        h.update(LABEL);
-        h.update(b" salt");
-        h.update(n_i);
-        h.update(n_r);
-        let salt: [u8; 32] = h.finalize().into();
-        let kdf = self.config.kdf;
-        let params = argon2::Params::new(kdf.m_cost_kib, kdf.t_cost, kdf.p_cost, Some(32))
-            .map_err(|e| HandshakeError::Kdf(e.to_string()))?;
-        let argon =
-            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-        let mut out = [0u8; 32];
-        let password = self.config.password.as_deref().unwrap_or_default();
-        argon
-            .hash_password_into(password, &salt, &mut out)
-            .map_err(|e| HandshakeError::Kdf(e.to_string()))?;
-        Ok(out)
-    }
-
-    /// Our ephemeral public key (for logs/tests).
-    pub fn public_key(&self) -> [u8; 32] {
-        self.public
+        let isk = cpace::isk(&pake.sid, &k, &share_i, &[], &share_r, &[]);
+        let th = {
+            let (hdr_i, hdr_r, hello_i, hello_r): (&[u8], &[u8], &[u8], &[u8]) = if self.outbound {
+                (
+                    &self.our_header,
+                    &self.their_header,
+                    &self.our_hello,
+                    their_hello,
+                )
+            } else {
+                (
+                    &self.their_header,
+                    &self.our_header,
+                    their_hello,
+                    &self.our_hello,
+                )
+            };
+            transcript_hash(
+                self.version,
+                &[hdr_i, hdr_r, hello_i, hello_r, &share_i, &share_r],
+            )
+        };
+        let (keys, conf_i, conf_r) = keys_from_isk(&isk, th, self.outbound);
+        let (send_key, expect_key) = if self.outbound {
+            (conf_i, conf_r)
+        } else {
+            (conf_r, conf_i)
+        };
+        result.transcript_hash = th;
+        result.keys = Some(keys);
+        let mut body = vec![MSG_CONFIRM];
+        body.extend_from_slice(&confirm_tag(&send_key, &th));
+        self.send_frame(&body);
+        self.state = State::Confirm {
+            expect_key,
+            result,
+            identity,
+        };
+        Ok(())
     }
 }
 
@@ -902,14 +1082,14 @@ pub(crate) mod tests {
     fn version_mismatch() {
         let a = config(1, None);
         let mut b = config(2, None);
-        b.min_version = 4;
-        b.max_version = 5;
+        b.min_version = 5;
+        b.max_version = 6;
         let (ra, rb) = pair(&a, &b);
         assert_eq!(
             ra.unwrap_err(),
             HandshakeError::VersionMismatch {
-                ours: (3, 3),
-                theirs: (4, 5)
+                ours: (4, 4),
+                theirs: (5, 6)
             }
         );
         assert!(matches!(rb, Err(HandshakeError::VersionMismatch { .. })));
@@ -919,7 +1099,7 @@ pub(crate) mod tests {
     fn go_weave_header_is_version_mismatch() {
         let mut hs = Handshake::new(&config(1, None), false, Instant::now(), &mut OsRng);
         let first = hs.poll_transmit().unwrap();
-        assert_eq!(&first[..7], b"weave\x03\x03");
+        assert_eq!(&first[..7], b"weave\x04\x04");
         // What Weave 2.8 sends: header with range 1..2, then (v2) a flag byte.
         let err = hs
             .on_bytes(Instant::now(), b"weave\x01\x02\x00")
@@ -927,13 +1107,22 @@ pub(crate) mod tests {
         assert_eq!(
             err,
             HandshakeError::VersionMismatch {
-                ours: (3, 3),
+                ours: (4, 4),
                 theirs: (1, 2)
             }
         );
         assert_eq!(
             err.to_string(),
-            "remote version range [1,2] is incompatible with ours [3,3]"
+            "remote version range [1,2] is incompatible with ours [4,4]"
+        );
+        // Our previous build (v3, X25519 + confirm) fails with a clear version error too.
+        let mut hs = Handshake::new(&config(1, Some("pw")), false, Instant::now(), &mut OsRng);
+        assert_eq!(
+            hs.on_bytes(Instant::now(), b"weave\x03\x03").unwrap_err(),
+            HandshakeError::VersionMismatch {
+                ours: (4, 4),
+                theirs: (3, 3)
+            }
         );
         let mut hs = Handshake::new(&config(1, None), false, Instant::now(), &mut OsRng);
         assert_eq!(
@@ -945,15 +1134,48 @@ pub(crate) mod tests {
 
     #[test]
     fn connect_to_self_refused() {
+        // Plaintext: the claim is unauthenticated, so it is not permanent (the target backs off).
         let c = config(1, None);
         let (a, b) = pair(&c, &c);
-        assert_eq!(a.unwrap_err(), HandshakeError::ConnectToSelf);
-        assert_eq!(b.unwrap_err(), HandshakeError::ConnectToSelf);
-        assert!(HandshakeError::ConnectToSelf.is_permanent());
+        let unverified = HandshakeError::ConnectToSelf {
+            authenticated: false,
+        };
+        assert_eq!(a.unwrap_err(), unverified);
+        assert_eq!(b.unwrap_err(), unverified);
+        assert!(!unverified.is_permanent());
+        assert_eq!(unverified.to_string(), "cannot connect to ourself");
         let mut other = c.clone();
         other.uid = PeerUid(99);
         let (a, _) = pair(&c, &other);
-        assert!(matches!(a, Err(HandshakeError::NameCollision { .. })));
+        assert!(matches!(
+            a,
+            Err(HandshakeError::NameCollision {
+                authenticated: false,
+                ..
+            })
+        ));
+        // Password mode: only reported after the Confirm check, then permanent.
+        let c = config(1, Some("pw"));
+        let (a, b) = pair(&c, &c);
+        let a = a.unwrap_err();
+        assert_eq!(
+            a,
+            HandshakeError::ConnectToSelf {
+                authenticated: true
+            }
+        );
+        assert!(a.is_permanent());
+        assert_eq!(b.unwrap_err(), a);
+        let mut other = c.clone();
+        other.uid = PeerUid(99);
+        let (a, _) = pair(&c, &other);
+        assert!(a.unwrap_err().is_permanent());
+        // An attacker without the password claiming our name: a password mismatch, nothing
+        // permanent.
+        let mut liar = config(1, Some("guess"));
+        liar.uid = PeerUid(99);
+        let (a, _) = pair(&c, &liar);
+        assert_eq!(a.unwrap_err(), HandshakeError::PasswordMismatch);
     }
 
     #[test]
@@ -961,37 +1183,56 @@ pub(crate) mod tests {
         let now = Instant::now();
         let a_cfg = config(1, Some("pw"));
         let b_cfg = config(2, Some("pw"));
-        let mut a = Handshake::new(&a_cfg, true, now, &mut OsRng);
-        let mut b = Handshake::new(&b_cfg, false, now, &mut OsRng);
-        let mut to_b = Vec::new();
-        while let Some(x) = a.poll_transmit() {
-            to_b.extend(x);
-        }
-        let mut to_a = Vec::new();
-        while let Some(x) = b.poll_transmit() {
-            to_a.extend(x);
-        }
-        for byte in &to_a {
-            assert!(matches!(a.on_bytes(now, &[*byte]), Ok(Progress::Pending)));
-        }
-        // a has sent its confirm now
-        while let Some(x) = a.poll_transmit() {
-            to_b.extend(x);
-        }
-        let mut eb = None;
-        for byte in &to_b {
-            if let Progress::Established(e) = b.on_bytes(now, &[*byte]).unwrap() {
-                eb = Some(e);
+        let mut hs = [
+            Handshake::new(&a_cfg, true, now, &mut OsRng),
+            Handshake::new(&b_cfg, false, now, &mut OsRng),
+        ];
+        let mut done: [Option<Box<Established>>; 2] = [None, None];
+        // Three flights each (header+hello, share, confirm), fed one byte at a time.
+        for _ in 0..3 {
+            for from in 0..2 {
+                let to = 1 - from;
+                let mut bytes = Vec::new();
+                while let Some(x) = hs[from].poll_transmit() {
+                    bytes.extend(x);
+                }
+                for byte in &bytes {
+                    if let Progress::Established(e) = hs[to].on_bytes(now, &[*byte]).unwrap() {
+                        done[to] = Some(e);
+                    }
+                }
             }
         }
-        let eb = eb.unwrap();
-        let mut fin = b.poll_transmit().unwrap();
-        fin.extend_from_slice(b"extra");
-        let Progress::Established(ea) = a.on_bytes(now, &fin).unwrap() else {
-            panic!("a not established")
-        };
-        assert_eq!(ea.leftover, b"extra");
-        assert_eq!(ea.keys.unwrap().tcp_send, eb.keys.unwrap().tcp_recv);
+        let [ea, eb] = done;
+        let (ea, eb) = (ea.unwrap(), eb.unwrap());
+        assert_eq!(
+            ea.keys.as_ref().unwrap().tcp_send,
+            eb.keys.as_ref().unwrap().tcp_recv
+        );
+        assert!(ea.leftover.is_empty());
+        // Bytes after the last handshake frame are handed over as leftover.
+        let mut a = Handshake::new(&a_cfg, true, now, &mut OsRng);
+        let mut b = Handshake::new(&b_cfg, false, now, &mut OsRng);
+        let mut result = None;
+        for _ in 0..3 {
+            while let Some(x) = a.poll_transmit() {
+                let _ = b.on_bytes(now, &x).unwrap();
+            }
+            let mut chunk = Vec::new();
+            while let Some(x) = b.poll_transmit() {
+                chunk.extend(x);
+            }
+            if chunk.is_empty() {
+                continue;
+            }
+            if result.is_none() && matches!(b.state, State::Done) {
+                chunk.extend_from_slice(b"extra");
+            }
+            if let Progress::Established(e) = a.on_bytes(now, &chunk).unwrap() {
+                result = Some(e);
+            }
+        }
+        assert_eq!(result.unwrap().leftover, b"extra");
     }
 
     #[test]
@@ -1010,7 +1251,7 @@ pub(crate) mod tests {
     fn oversized_frame_rejected() {
         let now = Instant::now();
         let mut a = Handshake::new(&config(1, None), true, now, &mut OsRng);
-        let mut input = b"weave\x03\x03".to_vec();
+        let mut input = b"weave\x04\x04".to_vec();
         input.extend_from_slice(&u32::MAX.to_be_bytes());
         assert!(matches!(
             a.on_bytes(now, &input),
@@ -1058,6 +1299,466 @@ pub(crate) mod tests {
         assert_eq!(resolve_duplicate(2, 2), DuplicateResolution::DropBoth);
     }
 
+    // ---- Offline dictionary attacks -------------------------------------------------------
+    //
+    // An attacker records one session and then, for each word of its dictionary, tries to
+    // reproduce what the victim sent (its Confirm MAC) from the transcript and its own secrets.
+    // Against the current protocol no word must check out, except the one the attacker bet on
+    // online (one guess per connection). As a control, the same attack against a minimal model
+    // of the old X25519 + Confirm flow does identify the password.
+
+    const DICT: &[&str] = &["123456", "letmein", "s3cret-mesh", "password", "weave"];
+    const PASSWORD: &str = "s3cret-mesh";
+
+    /// Deterministic RNG for the attacker's own handshakes, so the test knows its scalar
+    /// (the attacker runs our real code with a password of its choice).
+    struct SeededRng {
+        seed: [u8; 32],
+        counter: u64,
+    }
+
+    impl SeededRng {
+        fn new(seed: u8) -> Self {
+            SeededRng {
+                seed: [seed; 32],
+                counter: 0,
+            }
+        }
+    }
+
+    impl rand_core::RngCore for SeededRng {
+        fn next_u32(&mut self) -> u32 {
+            rand_core::impls::next_u32_via_fill(self)
+        }
+        fn next_u64(&mut self) -> u64 {
+            rand_core::impls::next_u64_via_fill(self)
+        }
+        fn fill_bytes(&mut self, dest: &mut [u8]) {
+            for chunk in dest.chunks_mut(32) {
+                let mut h = Sha256::new();
+                h.update(self.seed);
+                h.update(self.counter.to_be_bytes());
+                self.counter += 1;
+                let block: [u8; 32] = h.finalize().into();
+                chunk.copy_from_slice(&block[..chunk.len()]);
+            }
+        }
+        fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
+            self.fill_bytes(dest);
+            Ok(())
+        }
+    }
+
+    impl CryptoRng for SeededRng {}
+
+    /// The scalar a handshake created with `SeededRng::new(seed)` uses (its first draw).
+    fn scalar_of(seed: u8) -> Scalar {
+        cpace::random_scalar(&mut SeededRng::new(seed))
+    }
+
+    /// Run two handshakes against each other; returns both outcomes and what each one sent.
+    fn run(a: &mut Handshake, b: &mut Handshake) -> (Outcome, Outcome, Vec<u8>, Vec<u8>) {
+        let now = Instant::now();
+        let mut out: [Option<Outcome>; 2] = [None, None];
+        let mut sent = [Vec::new(), Vec::new()];
+        for _ in 0..6 {
+            for from in 0..2 {
+                let (src, dst) = if from == 0 {
+                    (&mut *a, &mut *b)
+                } else {
+                    (&mut *b, &mut *a)
+                };
+                while let Some(bytes) = src.poll_transmit() {
+                    sent[from].extend_from_slice(&bytes);
+                    if out[1 - from].is_none() {
+                        match dst.on_bytes(now, &bytes) {
+                            Ok(Progress::Pending) => {}
+                            Ok(Progress::Established(e)) => out[1 - from] = Some(Ok(*e)),
+                            Err(e) => out[1 - from] = Some(Err(e)),
+                        }
+                    }
+                }
+            }
+        }
+        let [x, y] = out;
+        let [sa, sb] = sent;
+        (
+            x.unwrap_or(Err(HandshakeError::Timeout)),
+            y.unwrap_or(Err(HandshakeError::Timeout)),
+            sa,
+            sb,
+        )
+    }
+
+    /// A recorded byte stream: the 7-byte header and the frames after it.
+    fn frames_of(stream: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
+        let mut codec = FrameCodec::new(MAX_HANDSHAKE_FRAME);
+        codec.push(&stream[HEADER_LEN..]);
+        let mut frames = Vec::new();
+        while let Some(f) = codec.next_frame().unwrap() {
+            frames.push(f);
+        }
+        (stream[..HEADER_LEN].to_vec(), frames)
+    }
+
+    fn frame_of_type(frames: &[Vec<u8>], ty: u8) -> Option<[u8; 32]> {
+        frames
+            .iter()
+            .find(|f| f.first() == Some(&ty))
+            .and_then(|f| decode_fixed(f, ty, "x").ok())
+    }
+
+    /// The natural offline attack on a recorded CPace session. The attacker knows the
+    /// transcript and the scalars it used itself. For each word `w` it recomputes the victim's
+    /// side under the hypothesis "password = w": the generator `G_w` from the recorded names and
+    /// nonces; its own scalar `y` is a valid secret for `G_w` only if `y·G_w` is the share it
+    /// sent; then the victim's `K` would be `y·Y_victim`, giving the ISK, the keys and the
+    /// victim's Confirm MAC, which it compares with the recorded one.
+    fn cpace_dictionary_attack(
+        victim_stream: &[u8],
+        attacker_stream: &[u8],
+        victim_dialled: bool,
+        attacker_scalars: &[Scalar],
+        dict: &[&str],
+    ) -> Vec<String> {
+        let (v_hdr, v_frames) = frames_of(victim_stream);
+        let (a_hdr, a_frames) = frames_of(attacker_stream);
+        let (Some(v_hello), Some(a_hello)) = (v_frames.first(), a_frames.first()) else {
+            return Vec::new();
+        };
+        let (Some(v_share), Some(v_confirm), Some(a_share)) = (
+            frame_of_type(&v_frames, MSG_SHARE),
+            frame_of_type(&v_frames, MSG_CONFIRM),
+            frame_of_type(&a_frames, MSG_SHARE),
+        ) else {
+            // The victim sent nothing derived from the password: nothing to test against.
+            return Vec::new();
+        };
+        let (vh, ah) = (
+            Hello::decode(v_hello).unwrap(),
+            Hello::decode(a_hello).unwrap(),
+        );
+        let (hi, hr) = if victim_dialled {
+            (&vh, &ah)
+        } else {
+            (&ah, &vh)
+        };
+        let pake = PakeInputs::new((hi.name, hi.uid, &hi.nonce), (hr.name, hr.uid, &hr.nonce));
+        let (share_i, share_r) = if victim_dialled {
+            (v_share, a_share)
+        } else {
+            (a_share, v_share)
+        };
+        let (hdr_i, hdr_r, hello_i, hello_r) = if victim_dialled {
+            (&v_hdr, &a_hdr, v_hello, a_hello)
+        } else {
+            (&a_hdr, &v_hdr, a_hello, v_hello)
+        };
+        let th = transcript_hash(
+            v_hdr[6].min(a_hdr[6]),
+            &[hdr_i, hdr_r, hello_i, hello_r, &share_i, &share_r],
+        );
+        let mut found = Vec::new();
+        for w in dict {
+            let prs = stretch(w.as_bytes(), vh.kdf).unwrap();
+            let g = cpace::generator(&prs, &pake.ci, &pake.sid);
+            for y in attacker_scalars {
+                if cpace::share(y, &g) != a_share {
+                    continue;
+                }
+                let Ok(k) = cpace::shared_point(y, &v_share) else {
+                    continue;
+                };
+                let isk = cpace::isk(&pake.sid, &k, &share_i, &[], &share_r, &[]);
+                let (_, conf_i, conf_r) = keys_from_isk(&isk, th, true);
+                let victim_key = if victim_dialled { conf_i } else { conf_r };
+                if confirm_tag(&victim_key, &th) == v_confirm {
+                    found.push(w.to_string());
+                }
+            }
+        }
+        found
+    }
+
+    /// A minimal model of the old (protocol v3) password flow, for the control: Hellos carry a
+    /// nonce and an X25519 public key; keys = HKDF(salt = Argon2id(pw, H(nonces)), ikm = X25519);
+    /// the dialler sends HMAC(confirm_i, th) before it has verified anything.
+    mod old_flow {
+        use super::super::{confirm_tag, derive_keys, transcript_hash, KdfParams};
+        use rand_core::{CryptoRng, RngCore};
+        use sha2::{Digest, Sha256};
+        use x25519_dalek::{PublicKey, StaticSecret};
+
+        pub struct Hello {
+            pub nonce: [u8; 32],
+            pub public: [u8; 32],
+        }
+
+        pub fn hello<R: RngCore + CryptoRng>(rng: &mut R) -> (StaticSecret, Hello) {
+            let secret = StaticSecret::random_from_rng(&mut *rng);
+            let mut nonce = [0u8; 32];
+            rng.fill_bytes(&mut nonce);
+            let public = PublicKey::from(&secret).to_bytes();
+            (secret, Hello { nonce, public })
+        }
+
+        fn th(i: &Hello, r: &Hello) -> [u8; 32] {
+            transcript_hash(3, &[&i.nonce, &i.public, &r.nonce, &r.public])
+        }
+
+        fn stretched(pw: &[u8], i: &Hello, r: &Hello) -> [u8; 32] {
+            let mut h = Sha256::new();
+            h.update(b"weave-mesh v3 salt");
+            h.update(i.nonce);
+            h.update(r.nonce);
+            let salt: [u8; 32] = h.finalize().into();
+            let k = KdfParams::INSECURE_FAST;
+            let params = argon2::Params::new(k.m_cost_kib, k.t_cost, k.p_cost, Some(32)).unwrap();
+            let argon =
+                argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+            let mut out = [0u8; 32];
+            argon.hash_password_into(pw, &salt, &mut out).unwrap();
+            out
+        }
+
+        fn tag(pw: &str, dh: &[u8; 32], i: &Hello, r: &Hello) -> [u8; 32] {
+            let (_, conf_i, _) =
+                derive_keys(&stretched(pw.as_bytes(), i, r), dh, th(i, r), 0, true);
+            confirm_tag(&conf_i, &th(i, r))
+        }
+
+        /// The dialler's Confirm tag (what it sends right after the Hellos).
+        pub fn dialler_confirm(pw: &str, secret: &StaticSecret, i: &Hello, r: &Hello) -> [u8; 32] {
+            let dh = secret.diffie_hellman(&PublicKey::from(r.public));
+            tag(pw, dh.as_bytes(), i, r)
+        }
+
+        /// The same offline attack: per word, recompute the dialler's tag with the DH output
+        /// the attacker shares with it (its own X25519 secret, the victim's public key).
+        pub fn attack(
+            recorded: &[u8; 32],
+            victim: &Hello,
+            attacker_secret: &StaticSecret,
+            attacker: &Hello,
+            dict: &[&str],
+        ) -> Vec<String> {
+            let dh = attacker_secret.diffie_hellman(&PublicKey::from(victim.public));
+            dict.iter()
+                .filter(|w| &tag(w, dh.as_bytes(), victim, attacker) == recorded)
+                .map(|w| w.to_string())
+                .collect()
+        }
+    }
+
+    /// Control: the old flow gives a fake listener an offline oracle, and the attack finds it.
+    #[test]
+    fn old_flow_control_dictionary_attack_succeeds() {
+        let (v_secret, v_hello) = old_flow::hello(&mut OsRng);
+        let (a_secret, a_hello) = old_flow::hello(&mut OsRng);
+        let tag = old_flow::dialler_confirm(PASSWORD, &v_secret, &v_hello, &a_hello);
+        assert_eq!(
+            old_flow::attack(&tag, &v_hello, &a_secret, &a_hello, DICT),
+            vec![PASSWORD.to_string()]
+        );
+    }
+
+    /// A dialler reaching a fake listener (reused IP, spoofed name, `weave connect attacker`).
+    /// The listener runs our code with a password of its choice and records everything.
+    #[test]
+    fn fake_listener_gets_no_offline_oracle() {
+        let victim_cfg = config(1, Some(PASSWORD));
+        let now = Instant::now();
+        for (seed, guess) in [(7u8, "wrong-guess"), (8, "123456")] {
+            let mut victim = Handshake::new(&victim_cfg, true, now, &mut OsRng);
+            let mut fake = Handshake::new(
+                &config(2, Some(guess)),
+                false,
+                now,
+                &mut SeededRng::new(seed),
+            );
+            let (v, f, v_sent, f_sent) = run(&mut victim, &mut fake);
+            assert_eq!(v.unwrap_err(), HandshakeError::PasswordMismatch);
+            assert_eq!(f.unwrap_err(), HandshakeError::PasswordMismatch);
+            // The victim did send a Confirm: the recording has something to attack.
+            assert!(frame_of_type(&frames_of(&v_sent).1, MSG_CONFIRM).is_some());
+            let found = cpace_dictionary_attack(&v_sent, &f_sent, true, &[scalar_of(seed)], DICT);
+            assert!(found.is_empty(), "offline attack identified {found:?}");
+        }
+        // The one online guess: a fake listener that bets on the right word completes the
+        // handshake, and the same attack code confirms that word (and only it).
+        let mut victim = Handshake::new(&victim_cfg, true, now, &mut OsRng);
+        let mut fake = Handshake::new(
+            &config(2, Some(PASSWORD)),
+            false,
+            now,
+            &mut SeededRng::new(9),
+        );
+        let (v, _, v_sent, f_sent) = run(&mut victim, &mut fake);
+        assert!(v.is_ok());
+        assert_eq!(
+            cpace_dictionary_attack(&v_sent, &f_sent, true, &[scalar_of(9)], DICT),
+            vec![PASSWORD.to_string()]
+        );
+    }
+
+    /// A fake dialler probing a listener: the listener also answers with a Share and a Confirm
+    /// before it has verified anything, which is safe with CPace.
+    #[test]
+    fn fake_dialler_gets_no_offline_oracle() {
+        let now = Instant::now();
+        let mut fake = Handshake::new(
+            &config(2, Some("letme1n")),
+            true,
+            now,
+            &mut SeededRng::new(3),
+        );
+        let mut victim = Handshake::new(&config(1, Some(PASSWORD)), false, now, &mut OsRng);
+        let (f, v, f_sent, v_sent) = run(&mut fake, &mut victim);
+        assert_eq!(f.unwrap_err(), HandshakeError::PasswordMismatch);
+        assert_eq!(v.unwrap_err(), HandshakeError::PasswordMismatch);
+        assert!(frame_of_type(&frames_of(&v_sent).1, MSG_CONFIRM).is_some());
+        assert!(cpace_dictionary_attack(&v_sent, &f_sent, false, &[scalar_of(3)], DICT).is_empty());
+    }
+
+    /// Password vs none: the side with a password stops at the Hello and sends nothing derived
+    /// from the password.
+    #[test]
+    fn password_vs_none_leaks_nothing() {
+        let now = Instant::now();
+        let mut victim = Handshake::new(&config(1, Some(PASSWORD)), true, now, &mut OsRng);
+        let mut plain = Handshake::new(&config(2, None), false, now, &mut SeededRng::new(4));
+        let (v, p, v_sent, p_sent) = run(&mut victim, &mut plain);
+        assert_eq!(
+            v.unwrap_err(),
+            HandshakeError::EncryptionMismatch { we_encrypt: true }
+        );
+        assert_eq!(
+            p.unwrap_err(),
+            HandshakeError::EncryptionMismatch { we_encrypt: false }
+        );
+        let (_, frames) = frames_of(&v_sent);
+        assert_eq!(frames.len(), 1, "only the Hello");
+        assert_eq!(frames[0][0], MSG_HELLO);
+        assert!(cpace_dictionary_attack(&v_sent, &p_sent, true, &[scalar_of(4)], DICT).is_empty());
+    }
+
+    /// A man in the middle between two real peers. Relaying bytes unchanged, it lets them
+    /// connect and learns nothing testable. Terminating both sides (impersonating each to the
+    /// other, with its own guess), it gets two failed handshakes and no offline test either;
+    /// the same position against the old flow yields the password.
+    #[test]
+    fn mitm_gets_no_offline_oracle() {
+        let now = Instant::now();
+        let (a_cfg, b_cfg) = (config(1, Some(PASSWORD)), config(2, Some(PASSWORD)));
+        // Passive relay: both peers connect; the relay holds no scalar of this session.
+        let mut a = Handshake::new(&a_cfg, true, now, &mut OsRng);
+        let mut b = Handshake::new(&b_cfg, false, now, &mut OsRng);
+        let (ra, rb, a_sent, b_sent) = run(&mut a, &mut b);
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(ra.keys.unwrap().tcp_send, rb.keys.unwrap().tcp_recv);
+        assert!(cpace_dictionary_attack(&a_sent, &b_sent, true, &[], DICT).is_empty());
+        // Its own (random) scalars do not help either.
+        let random: Vec<Scalar> = (0..4).map(|_| cpace::random_scalar(&mut OsRng)).collect();
+        assert!(cpace_dictionary_attack(&a_sent, &b_sent, true, &random, DICT).is_empty());
+        // Active: M poses as B to A and as A to B.
+        let mut m_as_b = config(2, Some("weave"));
+        m_as_b.uid = b_cfg.uid;
+        let mut m_as_a = config(1, Some("weave"));
+        m_as_a.uid = a_cfg.uid;
+        let mut a = Handshake::new(&a_cfg, true, now, &mut OsRng);
+        let mut m1 = Handshake::new(&m_as_b, false, now, &mut SeededRng::new(5));
+        let (ra, _, a_sent, m1_sent) = run(&mut a, &mut m1);
+        let mut m2 = Handshake::new(&m_as_a, true, now, &mut SeededRng::new(6));
+        let mut b = Handshake::new(&b_cfg, false, now, &mut OsRng);
+        let (_, rb, m2_sent, b_sent) = run(&mut m2, &mut b);
+        assert_eq!(ra.unwrap_err(), HandshakeError::PasswordMismatch);
+        assert_eq!(rb.unwrap_err(), HandshakeError::PasswordMismatch);
+        let scalars = [scalar_of(5), scalar_of(6)];
+        assert!(cpace_dictionary_attack(&a_sent, &m1_sent, true, &scalars, DICT).is_empty());
+        assert!(cpace_dictionary_attack(&b_sent, &m2_sent, false, &scalars, DICT).is_empty());
+        // Control: the same MITM position against the old flow's dialler.
+        let (a_secret, a_hello) = old_flow::hello(&mut OsRng);
+        let (m_secret, m_hello) = old_flow::hello(&mut OsRng);
+        let tag = old_flow::dialler_confirm(PASSWORD, &a_secret, &a_hello, &m_hello);
+        assert_eq!(
+            old_flow::attack(&tag, &a_hello, &m_secret, &m_hello, DICT),
+            vec![PASSWORD.to_string()]
+        );
+    }
+
+    #[test]
+    fn stretched_password_is_cached_and_follows_changes() {
+        let mut c = config(1, Some("pw"));
+        let first = c.stretched_password().unwrap().unwrap();
+        let clone = c.clone();
+        assert_eq!(clone.stretched_password().unwrap(), Some(first));
+        c.password = Some(b"other".to_vec());
+        assert_ne!(c.stretched_password().unwrap(), Some(first));
+        c.password = None;
+        assert_eq!(c.stretched_password().unwrap(), None);
+        let mut bad = config(1, Some("pw"));
+        bad.kdf.m_cost_kib = 0;
+        assert!(matches!(
+            bad.stretched_password(),
+            Err(HandshakeError::Kdf(_))
+        ));
+    }
+
+    #[test]
+    fn tampered_share_fails_both_sides() {
+        let now = Instant::now();
+        let mut a = Handshake::new(&config(1, Some("pw")), true, now, &mut OsRng);
+        let mut b = Handshake::new(&config(2, Some("pw")), false, now, &mut OsRng);
+        // b receives a's first flight, a receives b's first flight (hello + share).
+        let mut fa = Vec::new();
+        while let Some(x) = a.poll_transmit() {
+            fa.extend(x);
+        }
+        let _ = b.on_bytes(now, &fa).unwrap();
+        let mut fb = Vec::new();
+        while let Some(x) = b.poll_transmit() {
+            fb.extend(x);
+        }
+        // Flip a bit of b's share (the last frame: 4 + 1 + 32 bytes) on its way to a.
+        let n = fb.len();
+        fb[n - 5] ^= 1;
+        let r = a.on_bytes(now, &fb);
+        // Either the point no longer decodes, or the Confirm from b will not check.
+        match r {
+            Err(e) => assert_eq!(e, HandshakeError::WeakKey),
+            Ok(Progress::Pending) => {
+                while let Some(x) = a.poll_transmit() {
+                    let _ = b.on_bytes(now, &x);
+                }
+                let mut fb = Vec::new();
+                while let Some(x) = b.poll_transmit() {
+                    fb.extend(x);
+                }
+                assert_eq!(
+                    a.on_bytes(now, &fb).unwrap_err(),
+                    HandshakeError::PasswordMismatch
+                );
+            }
+            Ok(Progress::Established(_)) => panic!("established with a tampered share"),
+        }
+    }
+
+    #[test]
+    fn identity_share_rejected() {
+        let now = Instant::now();
+        let mut a = Handshake::new(&config(1, Some("pw")), true, now, &mut OsRng);
+        let peer = Handshake::new(&config(2, Some("pw")), false, now, &mut OsRng);
+        let mut stream = peer.our_header.to_vec();
+        FrameCodec::encode(&peer.our_hello, MAX_HANDSHAKE_FRAME, &mut stream).unwrap();
+        let mut share = vec![MSG_SHARE];
+        share.extend_from_slice(&[0u8; 32]);
+        FrameCodec::encode(&share, MAX_HANDSHAKE_FRAME, &mut stream).unwrap();
+        assert_eq!(
+            a.on_bytes(now, &stream).unwrap_err(),
+            HandshakeError::WeakKey
+        );
+    }
+
     proptest! {
         #[test]
         fn garbage_never_panics(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..6), valid_header in any::<bool>(), pw in any::<bool>()) {
@@ -1065,7 +1766,7 @@ pub(crate) mod tests {
             let cfg = config(1, pw.then_some("pw"));
             let mut hs = Handshake::new(&cfg, false, now, &mut OsRng);
             if valid_header {
-                let _ = hs.on_bytes(now, b"weave\x03\x03");
+                let _ = hs.on_bytes(now, b"weave\x04\x04");
             }
             for c in chunks {
                 if hs.on_bytes(now, &c).is_err() {

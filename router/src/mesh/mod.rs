@@ -5,6 +5,7 @@
 //! - [`peer`]: peer names, UIDs, nicknames.
 //! - [`wire`]: length-prefixed TCP framing and a bounds-checked reader.
 //! - [`handshake`]: protocol header, version negotiation, intro, key agreement and confirmation.
+//! - [`cpace`]: the CPace PAKE primitives (ristretto255) the password handshake uses.
 //! - [`conn`]: post-handshake messages: sealing/opening, tags, heartbeats, rekeying.
 //! - [`topology`]: the versioned peer graph, its codec, merge rules and GC.
 //! - [`routes`]: deterministic BFS unicast next hops and broadcast fan-out.
@@ -13,6 +14,7 @@
 
 pub mod conn;
 pub mod connmaker;
+pub mod cpace;
 pub mod gossip;
 pub mod handshake;
 pub mod peer;
