@@ -282,7 +282,7 @@ fn host_protections_are_installed_and_reset_removes_them() -> Result<()> {
 
         // A container on docker0 cannot reach the mesh port on the docker0 address, while it
         // reaches another port there (the control: the probe works).
-        let mut listener = h.cmd("busybox").args(["nc", "-l", "-p", "7070"]).spawn()?;
+        let listener = h.cmd("busybox").args(["nc", "-l", "-p", "7070"]).spawn()?;
         let probe = format!(
             "nc -w 3 {docker0} 7070 </dev/null && echo open7070; nc -w 3 {docker0} 6783 </dev/null && echo open6783; echo done"
         );

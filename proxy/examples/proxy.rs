@@ -36,9 +36,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.next()
             .unwrap_or_else(|| "/var/lib/weave/weavewait".to_string()),
     );
-    let router = std::env::var("WEAVE_HTTP_ADDR")
-        .unwrap_or_else(|_| "127.0.0.1:6784".to_string())
-        .parse()?;
+    let router = weave_api::client::RouterClient::new(
+        std::env::var("WEAVE_HTTP_ADDR")
+            .unwrap_or_else(|_| weave_api::client::DEFAULT_HTTP_ADDR.to_string())
+            .parse()?,
+        std::env::var("WEAVE_API_SOCKET")
+            .unwrap_or_else(|_| weave_api::client::DEFAULT_API_SOCKET.to_string()),
+    );
     let config = ProxyConfig {
         docker_host,
         socket_path,

@@ -1,7 +1,9 @@
 //! Run the router alone, for poking at it with curl (root; ideally inside `unshare --net`):
 //! `cargo run -p weave-router --example router -- [HTTP_ADDR] [BRIDGE] [MTU]`. Stops on Ctrl-C.
+//! Changes go through /var/run/weave/router.sock (root only); attach asks the local dockerd.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use weave_router::{run, RouterConfig, DEFAULT_BRIDGE, DEFAULT_MTU};
 
@@ -22,8 +24,18 @@ async fn main() -> ExitCode {
         eprintln!("usage: router [HTTP_ADDR] [BRIDGE] [MTU]");
         return ExitCode::FAILURE;
     };
+    let containers = match weave_router::containers::Dockerd::connect("unix:///var/run/docker.sock")
+    {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            eprintln!("weave router: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = RouterConfig {
         http_addr,
+        api_socket: weave_api::client::DEFAULT_API_SOCKET.into(),
+        api_socket_group: 0,
         bridge_name,
         mtu,
         nickname: "example".into(),
@@ -39,7 +51,7 @@ async fn main() -> ExitCode {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    match run(config, shutdown).await {
+    match run(config, containers, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("weave router: {e}");
