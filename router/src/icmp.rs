@@ -5,6 +5,11 @@
 //! frame can neither be sent whole nor be fragmented. Dropping it silently would stall TCP for
 //! good; instead the router answers the sender as a router on the path would: ICMP type 3
 //! code 4 with the MTU that fits, so the sender's kernel lowers its path MTU and resends.
+//!
+//! Replies are rate limited ([`RateLimiter`], as kernels do for the ICMP errors they send): a
+//! sender of oversized frames must not turn the router into an amplifier.
+
+use std::time::{Duration, Instant};
 
 use crate::checksum::{fold, sum};
 
@@ -19,6 +24,68 @@ const ICMP_FRAG_NEEDED: u8 = 4;
 /// Bytes of the offending packet's payload quoted after its IP header (RFC 792).
 const QUOTED_PAYLOAD: usize = 8;
 const TTL: u8 = 64;
+
+/// ICMP replies per second the router generates, in the long run.
+pub const ICMP_RATE: u32 = 100;
+/// ICMP replies allowed in a burst.
+pub const ICMP_BURST: u32 = 20;
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up. Pure: time is passed in.
+#[derive(Debug, Clone)]
+pub struct RateLimiter {
+    /// Time per token.
+    period: Duration,
+    burst: u32,
+    tokens: u32,
+    /// When `tokens` was last topped up (tokens accrue from here).
+    since: Instant,
+    limited: u64,
+}
+
+impl RateLimiter {
+    /// Starts full.
+    pub fn new(now: Instant, rate: u32, burst: u32) -> Self {
+        RateLimiter {
+            period: Duration::from_secs(1) / rate.max(1),
+            burst: burst.max(1),
+            tokens: burst.max(1),
+            since: now,
+            limited: 0,
+        }
+    }
+
+    /// The default for ICMP replies ([`ICMP_RATE`], [`ICMP_BURST`]).
+    pub fn icmp(now: Instant) -> Self {
+        RateLimiter::new(now, ICMP_RATE, ICMP_BURST)
+    }
+
+    /// Take a token if there is one; false (and counted) otherwise.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.since);
+        let earned = elapsed.as_nanos() / self.period.as_nanos().max(1);
+        if earned > 0 {
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+            self.tokens = self.tokens.saturating_add(earned).min(self.burst);
+            // Keep the remainder of a partly earned token.
+            self.since = if self.tokens == self.burst {
+                now
+            } else {
+                self.since + self.period * earned
+            };
+        }
+        if self.tokens == 0 {
+            self.limited += 1;
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+
+    /// Requests refused so far.
+    pub fn limited(&self) -> u64 {
+        self.limited
+    }
+}
 
 /// Does `frame` carry IPv4 with the DF bit set?
 pub fn ipv4_df(frame: &[u8]) -> bool {
@@ -79,6 +146,36 @@ pub fn frag_needed(frame: &[u8], mtu: u16) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_limiter_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut r = RateLimiter::icmp(t0);
+        let allowed = (0..100).filter(|_| r.allow(t0)).count();
+        assert_eq!(allowed, ICMP_BURST as usize);
+        assert_eq!(r.limited(), 100 - u64::from(ICMP_BURST));
+        // 100/s: one token every 10 ms, none before.
+        assert!(!r.allow(t0 + Duration::from_millis(9)));
+        assert!(r.allow(t0 + Duration::from_millis(10)));
+        assert!(!r.allow(t0 + Duration::from_millis(15)));
+        // Partly earned tokens are kept: at 20 ms the second one is complete.
+        assert!(r.allow(t0 + Duration::from_millis(20)));
+        // Over ten seconds of a flood every millisecond: about rate * 10 get through.
+        let mut r = RateLimiter::icmp(t0);
+        let mut ok = 0;
+        for ms in 0..10_000u64 {
+            for _ in 0..5 {
+                ok += usize::from(r.allow(t0 + Duration::from_millis(ms)));
+            }
+        }
+        assert!((1000..=1000 + ICMP_BURST as usize).contains(&ok), "{ok}");
+        // Idle refills only up to the burst.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!(
+            (0..50).filter(|_| r.allow(later)).count(),
+            ICMP_BURST as usize
+        );
+    }
 
     /// An Ethernet + IPv4 frame (DF set) of protocol `proto` carrying `payload`.
     fn ipv4(proto: u8, payload: &[u8]) -> Vec<u8> {

@@ -348,7 +348,9 @@ async fn feed_data_plane(
             } => DataPlaneCommand::PeerUp {
                 name: remote,
                 conn_uid,
-                remote: outbound.then(|| SocketAddr::new(addr.ip(), port)),
+                // Plaintext: the address is all that identifies the peer, so both sides need it.
+                remote: (outbound || !udp_encrypted || keys.is_none())
+                    .then(|| SocketAddr::new(addr.ip(), port)),
                 udp_keys: keys.filter(|_| udp_encrypted).map(udp_keys),
             },
             MeshEvent::UdpRekey { remote, keys } => DataPlaneCommand::Rekey {
@@ -383,6 +385,9 @@ fn overlay_status(dp: &sleeve_shell::DataPlaneStatus) -> mesh_shell::OverlayStat
                         established: p.established,
                         mtu: p.mtu,
                         timed_out: p.timed_out,
+                        udp_epoch: p.udp_epoch,
+                        udp_key_switches: p.udp_key_switches,
+                        udp_key_drops: p.udp_key_drops,
                     },
                 )
             })
@@ -402,15 +407,21 @@ async fn watch_data_plane(
 ) {
     let mut sent: Option<mesh_shell::OverlayStatus> = None;
     while dp.changed().await.is_ok() {
-        let (overlay, capture) = {
+        let (overlay, capture, sleeve) = {
             let now = dp.borrow_and_update();
-            (overlay_status(&now), now.capture)
+            let sleeve = status::SleeveCounters {
+                macs_evicted: now.drops.macs_evicted,
+                icmp_rate_limited: now.drops.icmp_rate_limited,
+            };
+            (overlay_status(&now), now.capture, Some(sleeve))
         };
         status.send_if_modified(|s| {
             let r = &mut s.router;
-            let changed = r.interface != interface || r.capture_stats != Some(capture);
+            let changed =
+                r.interface != interface || r.capture_stats != Some(capture) || r.sleeve != sleeve;
             r.interface.clone_from(&interface);
             r.capture_stats = Some(capture);
+            r.sleeve = sleeve;
             changed
         });
         if sent.as_ref() != Some(&overlay) {
@@ -425,6 +436,7 @@ async fn watch_data_plane(
         let changed = !r.interface.is_empty() || r.capture_stats.is_some();
         r.interface.clear();
         r.capture_stats = None;
+        r.sleeve = None;
         changed
     });
 }

@@ -5,8 +5,13 @@
 //! floods it along our broadcast routes); for every frame received from a forwarder it calls
 //! [`decide_received`], injects and/or relays as told, using [`flood_targets`] to drop the
 //! neighbour the frame came from and its origin from a broadcast next-hop list.
+//!
+//! The cache holds at most [`MAC_CAPACITY`] entries: a flood of made-up source MACs (from a
+//! container, or relayed by a peer) must not grow it without bound. When full, the entry used
+//! least recently (learnt or refreshed as a source, or looked up as a destination) goes, and is
+//! counted ([`MacCache::evicted`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::MacAddr;
@@ -15,6 +20,8 @@ use crate::MacAddr;
 pub const MAC_EXPIRY: Duration = Duration::from_secs(600);
 /// Last-seen is refreshed at most this often.
 const REFRESH: Duration = Duration::from_secs(60);
+/// Most entries held.
+pub const MAC_CAPACITY: usize = 8192;
 /// Spanning tree protocol destination: never forwarded.
 const STP: [u8; 6] = [0x01, 0x80, 0xc2, 0x00, 0x00, 0x00];
 
@@ -30,6 +37,8 @@ pub enum Owner<P> {
 struct Entry<P> {
     owner: Owner<P>,
     last_seen: Instant,
+    /// Position in the use order (key of [`MacCache::order`]).
+    used: u64,
 }
 
 /// Result of learning a source MAC.
@@ -51,15 +60,36 @@ pub enum Learned<P> {
 #[derive(Debug, Clone)]
 pub struct MacCache<P> {
     entries: HashMap<MacAddr, Entry<P>>,
+    /// Use order: use stamp → MAC, least recently used first.
+    order: BTreeMap<u64, MacAddr>,
+    next_use: u64,
     expiry: Duration,
+    capacity: usize,
+    evicted: u64,
 }
 
 impl<P> Default for MacCache<P> {
     fn default() -> Self {
+        MacCache::with_limits(MAC_EXPIRY, MAC_CAPACITY)
+    }
+}
+
+impl<P> MacCache<P> {
+    /// A cache with this expiry and capacity (at least 1).
+    pub fn with_limits(expiry: Duration, capacity: usize) -> Self {
         MacCache {
             entries: HashMap::new(),
-            expiry: MAC_EXPIRY,
+            order: BTreeMap::new(),
+            next_use: 0,
+            expiry,
+            capacity: capacity.max(1),
+            evicted: 0,
         }
+    }
+
+    /// Entries evicted because the cache was full (not counting expiry).
+    pub fn evicted(&self) -> u64 {
+        self.evicted
     }
 }
 
@@ -69,10 +99,7 @@ fn is_group(mac: &MacAddr) -> bool {
 
 impl<P: Copy + Eq> MacCache<P> {
     pub fn new(expiry: Duration) -> Self {
-        MacCache {
-            entries: HashMap::new(),
-            expiry,
-        }
+        MacCache::with_limits(expiry, MAC_CAPACITY)
     }
 
     fn live(&self, now: Instant, mac: &MacAddr) -> Option<&Entry<P>> {
@@ -81,9 +108,59 @@ impl<P: Copy + Eq> MacCache<P> {
             .filter(|e| now.saturating_duration_since(e.last_seen) < self.expiry)
     }
 
-    /// The owner of `mac`, unless unknown or expired.
-    pub fn lookup(&self, now: Instant, mac: &MacAddr) -> Option<Owner<P>> {
-        self.live(now, mac).map(|e| e.owner)
+    /// Mark `mac` (present) as just used. Only once a quarter of the capacity in uses has
+    /// passed since its last stamp: per frame that would be two tree updates, and an entry that
+    /// recent is nowhere near eviction (so the order is LRU within that slack).
+    fn touch(&mut self, mac: MacAddr) {
+        let stamp = self.next_use;
+        let slack = (self.capacity / 4) as u64;
+        if let Some(e) = self
+            .entries
+            .get_mut(&mac)
+            .filter(|e| stamp - e.used > slack)
+        {
+            self.order.remove(&e.used);
+            e.used = stamp;
+            self.order.insert(stamp, mac);
+            self.next_use += 1;
+        }
+    }
+
+    /// Insert or overwrite `mac`, evicting the least recently used entry when full.
+    fn put(&mut self, mac: MacAddr, owner: Owner<P>, last_seen: Instant) {
+        if let Some(e) = self.entries.get_mut(&mac) {
+            e.owner = owner;
+            e.last_seen = last_seen;
+            self.touch(mac);
+            return;
+        }
+        while self.entries.len() >= self.capacity {
+            let Some((_, victim)) = self.order.pop_first() else {
+                break;
+            };
+            self.entries.remove(&victim);
+            self.evicted += 1;
+        }
+        let used = self.next_use;
+        self.next_use += 1;
+        self.entries.insert(
+            mac,
+            Entry {
+                owner,
+                last_seen,
+                used,
+            },
+        );
+        self.order.insert(used, mac);
+    }
+
+    /// The owner of `mac`, unless unknown or expired. Counts as a use.
+    pub fn lookup(&mut self, now: Instant, mac: &MacAddr) -> Option<Owner<P>> {
+        let owner = self.live(now, mac).map(|e| e.owner);
+        if owner.is_some() {
+            self.touch(*mac);
+        }
+        owner
     }
 
     /// Learn `mac` at `owner`. Non-forced (`force = false`, used on capture) refuses to move a
@@ -101,36 +178,21 @@ impl<P: Copy + Eq> MacCache<P> {
         let current = self.live(now, &mac).map(|e| (e.owner, e.last_seen));
         match current {
             None => {
-                self.entries.insert(
-                    mac,
-                    Entry {
-                        owner,
-                        last_seen: now,
-                    },
-                );
+                self.put(mac, owner, now);
                 Learned::New
             }
             Some((o, seen)) if o == owner => {
-                if now.saturating_duration_since(seen) >= REFRESH {
-                    self.entries.insert(
-                        mac,
-                        Entry {
-                            owner,
-                            last_seen: now,
-                        },
-                    );
-                }
+                let seen = if now.saturating_duration_since(seen) >= REFRESH {
+                    now
+                } else {
+                    seen
+                };
+                self.put(mac, owner, seen);
                 Learned::Refreshed
             }
             Some((Owner::Peer(p), _)) if !force => Learned::Conflict(p),
             Some((from, _)) => {
-                self.entries.insert(
-                    mac,
-                    Entry {
-                        owner,
-                        last_seen: now,
-                    },
-                );
+                self.put(mac, owner, now);
                 Learned::Moved { from }
             }
         }
@@ -142,12 +204,19 @@ impl<P: Copy + Eq> MacCache<P> {
         let expiry = self.expiry;
         self.entries
             .retain(|_, e| now.saturating_duration_since(e.last_seen) < expiry);
+        self.resync_order();
         before - self.entries.len()
     }
 
     /// Remove every entry of `peer` (peer garbage-collected).
     pub fn forget_peer(&mut self, peer: P) {
         self.entries.retain(|_, e| e.owner != Owner::Peer(peer));
+        self.resync_order();
+    }
+
+    fn resync_order(&mut self) {
+        let entries = &self.entries;
+        self.order.retain(|_, mac| entries.contains_key(mac));
     }
 
     /// Live entries, for the report JSON (`MACs`).
@@ -319,6 +388,53 @@ mod tests {
             Some(Owner::Local)
         );
         assert_eq!(c.entries(t1).count(), 1);
+    }
+
+    fn mac(i: u32) -> MacAddr {
+        let [b0, b1, b2, b3] = i.to_be_bytes();
+        MacAddr([0x02, 0, b0, b1, b2, b3])
+    }
+
+    #[test]
+    fn full_cache_evicts_least_recently_used_and_counts() {
+        let t = Instant::now();
+        let mut c: MacCache<u32> = MacCache::with_limits(MAC_EXPIRY, 3);
+        for i in 0..3 {
+            c.learn(t, mac(i), Owner::Peer(1), true);
+        }
+        // 0 used again (as a destination): 1 is now the least recently used.
+        assert_eq!(c.lookup(t, &mac(0)), Some(Owner::Peer(1)));
+        assert_eq!(c.learn(t, mac(3), Owner::Local, false), Learned::New);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.evicted(), 1);
+        assert_eq!(c.lookup(t, &mac(1)), None);
+        // Refreshing 2 as a source protects it; 0 goes next.
+        assert_eq!(c.learn(t, mac(2), Owner::Peer(1), true), Learned::Refreshed);
+        c.learn(t, mac(4), Owner::Local, false);
+        assert_eq!(c.lookup(t, &mac(0)), None);
+        assert!(c.lookup(t, &mac(2)).is_some());
+        assert_eq!(c.evicted(), 2);
+        // Expiry and forgetting are not evictions, and free room.
+        c.forget_peer(1);
+        assert_eq!(c.len(), 2);
+        c.learn(t, mac(5), Owner::Local, false);
+        assert_eq!(c.evicted(), 2);
+        assert_eq!(c.order.len(), c.entries.len());
+    }
+
+    #[test]
+    fn default_cap_holds_under_a_flood() {
+        let t = Instant::now();
+        let mut c: MacCache<u32> = MacCache::default();
+        for i in 0..(MAC_CAPACITY as u32 + 1000) {
+            c.learn(t, mac(i), Owner::Peer(9), true);
+        }
+        assert_eq!(c.len(), MAC_CAPACITY);
+        assert_eq!(c.evicted(), 1000);
+        assert_eq!(c.order.len(), MAC_CAPACITY);
+        // The newest survive.
+        assert!(c.lookup(t, &mac(MAC_CAPACITY as u32 + 999)).is_some());
+        assert!(c.lookup(t, &mac(999)).is_none());
     }
 
     #[test]

@@ -146,7 +146,7 @@ pub enum MeshEvent {
 }
 
 /// What the data plane says about the forwarder of one peer connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OverlayPeer {
     /// The connection the forwarder belongs to (reports about other connections are ignored).
     pub conn_uid: u64,
@@ -156,6 +156,10 @@ pub struct OverlayPeer {
     pub mtu: u16,
     /// No heartbeat for 60 s.
     pub timed_out: bool,
+    /// UDP key epoch sent on, epoch switches, datagrams dropped for their epoch (encrypted).
+    pub udp_epoch: u32,
+    pub udp_key_switches: u64,
+    pub udp_key_drops: u64,
 }
 
 /// The data plane's forwarders, by peer.
@@ -696,7 +700,7 @@ async fn connection(
         remote.name,
         remote.nickname
     );
-    let mut conn = match Conn::new(&est, ConnConfig::default(), Instant::now(), OsRng) {
+    let mut conn = match Conn::new(&est, ConnConfig::from_env(), Instant::now(), OsRng) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!("{who}: connection shutting down due to error: {e}");
@@ -1339,6 +1343,11 @@ fn live_status(name: PeerName, l: &Live, password: bool) -> ConnectionStatus {
     let _ = write!(info, "{OVERLAY:<6} {name}({})", l.nickname);
     if let Some(o) = &l.overlay {
         attrs.insert("mtu".to_string(), json!(o.mtu));
+        if l.udp_encrypted {
+            attrs.insert("udp_epoch".to_string(), json!(o.udp_epoch));
+            attrs.insert("udp_key_switches".to_string(), json!(o.udp_key_switches));
+            attrs.insert("udp_key_drops".to_string(), json!(o.udp_key_drops));
+        }
     }
     ConnectionStatus {
         address: l.addr.to_string(),
@@ -1462,6 +1471,7 @@ mod tests {
                 established: true,
                 mtu: 1376,
                 timed_out: false,
+                ..OverlayPeer::default()
             }),
         }
     }
@@ -1487,7 +1497,7 @@ mod tests {
         assert_eq!(s.state, ConnectionState::Established);
         assert_eq!(
             connection_line(s),
-            "-> 192.168.48.11:6783    established encrypted   sleeve 7e:21:4a:70:2f:45(host1) encrypted=true mtu=1376\n"
+            "-> 192.168.48.11:6783    established encrypted   sleeve 7e:21:4a:70:2f:45(host1) encrypted=true mtu=1376 udp_epoch=0 udp_key_drops=0 udp_key_switches=0\n"
         );
         // No password: neither the word nor the attribute.
         let s = live_status(name, &live(false), false);
@@ -1801,6 +1811,7 @@ mod tests {
                     established,
                     mtu: 1376,
                     timed_out,
+                    ..OverlayPeer::default()
                 },
             )]),
         }

@@ -71,6 +71,18 @@ pub struct RouterStatus {
     /// libpcap's counters of the sleeve's capture; `None` (JSON null) before it runs.
     #[serde(rename = "CaptureStats")]
     pub capture_stats: Option<CaptureStats>,
+    /// The sleeve's own counters (not in Weave's report); absent before it runs.
+    #[serde(rename = "Sleeve", skip_serializing_if = "Option::is_none")]
+    pub sleeve: Option<SleeveCounters>,
+}
+
+/// Counters of the sleeve data plane shown in the report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SleeveCounters {
+    /// MAC cache entries evicted because the cache was full.
+    pub macs_evicted: u64,
+    /// ICMP replies the router did not send (rate limit).
+    pub icmp_rate_limited: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -203,6 +215,7 @@ impl RouterStatus {
             trusted_subnets: Vec::new(),
             interface: String::new(),
             capture_stats: None,
+            sleeve: None,
         }
     }
 }
@@ -584,6 +597,15 @@ mod tests {
         assert_eq!(
             router["CaptureStats"],
             json!({"PacketsReceived": 10, "PacketsDropped": 2, "PacketsIfDropped": 1})
+        );
+        assert!(router.get("Sleeve").is_none());
+        s.router.sleeve = Some(SleeveCounters {
+            macs_evicted: 3,
+            icmp_rate_limited: 4,
+        });
+        assert_eq!(
+            report(&s)["Router"]["Sleeve"],
+            json!({"macs_evicted": 3, "icmp_rate_limited": 4})
         );
     }
 

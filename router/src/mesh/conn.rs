@@ -267,6 +267,39 @@ pub struct ConnConfig {
     pub rekey_after_messages: u64,
 }
 
+/// Hidden knob for tests: the rekey period in seconds (fractions allowed, at least 0.1).
+pub const REKEY_INTERVAL_ENV: &str = "WEAVE_REKEY_INTERVAL";
+
+/// A `WEAVE_REKEY_INTERVAL` value as a period; `None` if unusable.
+pub fn parse_rekey_interval(value: &str) -> Option<Duration> {
+    let secs: f64 = value.trim().parse().ok()?;
+    if !(0.1..=86400.0 * 365.0).contains(&secs) {
+        return None;
+    }
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+impl ConnConfig {
+    /// The defaults, with the rekey period from `WEAVE_REKEY_INTERVAL` when set and valid
+    /// (read once per process).
+    pub fn from_env() -> Self {
+        static INTERVAL: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+        let interval = *INTERVAL.get_or_init(|| {
+            let value = std::env::var(REKEY_INTERVAL_ENV).ok()?;
+            let parsed = parse_rekey_interval(&value);
+            match parsed {
+                Some(d) => tracing::info!(interval = ?d, "rekey interval from {REKEY_INTERVAL_ENV}"),
+                None => tracing::warn!(%value, "ignoring {REKEY_INTERVAL_ENV}: not a number of seconds >= 0.1"),
+            }
+            parsed
+        });
+        ConnConfig {
+            rekey_interval: interval.unwrap_or(REKEY_INTERVAL),
+            ..ConnConfig::default()
+        }
+    }
+}
+
 impl Default for ConnConfig {
     fn default() -> Self {
         ConnConfig {
@@ -762,6 +795,18 @@ mod tests {
         a.send(&gossip(1)).unwrap();
         let f = a.poll_transmit().unwrap();
         assert_eq!(b2.on_bytes(Instant::now(), &f), Err(ConnError::AuthFailed));
+    }
+
+    #[test]
+    fn rekey_interval_knob() {
+        assert_eq!(parse_rekey_interval("1"), Some(Duration::from_secs(1)));
+        assert_eq!(
+            parse_rekey_interval(" 0.5 "),
+            Some(Duration::from_millis(500))
+        );
+        for bad in ["", "0", "0.01", "-3", "nan", "inf", "1s", "1e12"] {
+            assert_eq!(parse_rekey_interval(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -15,16 +15,19 @@
 //! body (ciphertext when encrypted, followed by a 16-byte tag)
 //!   Data:      frames [src peer 6][dst peer 6][len u16 BE][frame len bytes]...
 //!   Heartbeat: [connection uid u64 BE][flags u8: bit 0 = "I hear you", bit 1 = established]
-//!   PmtuProbe: [overlay mtu u16 BE][zero padding up to the probed datagram size]
-//!   PmtuAck:   [overlay mtu u16 BE]
-//!   FragTest:  FRAG_TEST_BODY_LEN zero bytes
-//!   FragAck:   empty
+//!   PmtuProbe: [probe id u32 BE][overlay mtu u16 BE][zero padding up to the probed size]
+//!   PmtuAck:   [probe id u32 BE][overlay mtu u16 BE]
+//!   FragTest:  [probe id u32 BE][zero bytes], FRAG_TEST_BODY_LEN in all
+//!   FragAck:   [probe id u32 BE]
+//!   KeyReady:  [flags u8: bit 0 = ack]
 //! ```
+//!
+//! Acks echo the probe id, so only answers to probes we sent count (see the forwarder).
 
 use super::PeerName;
 
 /// Wire version in byte 0.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Fixed header length.
 pub const HEADER_LEN: usize = 28;
 /// Per-frame header: src peer, dst peer, length.
@@ -41,6 +44,10 @@ pub const IP_UDP_OVERHEAD: usize = 28;
 pub const FRAG_TEST_BODY_LEN: usize = 60000;
 /// Body size of a heartbeat.
 pub const HEARTBEAT_BODY_LEN: usize = 9;
+/// Probe id length at the start of PMTU and fragmentation-test bodies.
+const PROBE_ID_LEN: usize = 4;
+const PMTU_BODY_MIN: usize = PROBE_ID_LEN + 2;
+const KEY_READY_ACK: u8 = 0x01;
 
 const FLAG_ENCRYPTED: u8 = 0x01;
 const HEARTBEAT_HEARD: u8 = 0x01;
@@ -75,6 +82,7 @@ pub enum MessageType {
     PmtuAck = 3,
     FragTest = 4,
     FragAck = 5,
+    KeyReady = 6,
 }
 
 impl MessageType {
@@ -86,6 +94,7 @@ impl MessageType {
             3 => MessageType::PmtuAck,
             4 => MessageType::FragTest,
             5 => MessageType::FragAck,
+            6 => MessageType::KeyReady,
             _ => return None,
         })
     }
@@ -244,15 +253,29 @@ pub enum Control {
         heard: bool,
         established: bool,
     },
-    /// Probe of the overlay MTU `mtu`; the datagram is exactly [`datagram_len_for_mtu`] long.
+    /// Probe `id` of the overlay MTU `mtu`; the datagram is exactly [`datagram_len_for_mtu`]
+    /// long (at least the header and [`PMTU_BODY_MIN`] bytes).
     PmtuProbe {
+        id: u32,
         mtu: u16,
     },
+    /// Answer to probe `id` of `mtu`.
     PmtuAck {
+        id: u32,
         mtu: u16,
     },
-    FragTest,
-    FragAck,
+    /// A fragmentation test (always kernel-fragmented); answered with `FragAck` of its `id`.
+    FragTest {
+        id: u32,
+    },
+    FragAck {
+        id: u32,
+    },
+    /// "I hold the keys of this datagram's epoch" (`ack: false`, sent on the newest epoch until
+    /// the sender switches), or the answer to one (`ack: true`). See [`super::keyring`].
+    KeyReady {
+        ack: bool,
+    },
 }
 
 impl Control {
@@ -261,8 +284,9 @@ impl Control {
             Control::Heartbeat { .. } => MessageType::Heartbeat,
             Control::PmtuProbe { .. } => MessageType::PmtuProbe,
             Control::PmtuAck { .. } => MessageType::PmtuAck,
-            Control::FragTest => MessageType::FragTest,
-            Control::FragAck => MessageType::FragAck,
+            Control::FragTest { .. } => MessageType::FragTest,
+            Control::FragAck { .. } => MessageType::FragAck,
+            Control::KeyReady { .. } => MessageType::KeyReady,
         }
     }
 
@@ -285,14 +309,22 @@ impl Control {
                 }
                 out.push(flags);
             }
-            Control::PmtuProbe { mtu } => {
+            Control::PmtuProbe { id, mtu } => {
+                out.extend_from_slice(&id.to_be_bytes());
                 out.extend_from_slice(&mtu.to_be_bytes());
                 let body = probe_body_len(mtu, encrypted);
-                out.resize(out.len() + body.saturating_sub(2), 0);
+                out.resize(out.len() + body.saturating_sub(PMTU_BODY_MIN), 0);
             }
-            Control::PmtuAck { mtu } => out.extend_from_slice(&mtu.to_be_bytes()),
-            Control::FragTest => out.resize(out.len() + FRAG_TEST_BODY_LEN, 0),
-            Control::FragAck => {}
+            Control::PmtuAck { id, mtu } => {
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&mtu.to_be_bytes());
+            }
+            Control::FragTest { id } => {
+                out.extend_from_slice(&id.to_be_bytes());
+                out.resize(out.len() + FRAG_TEST_BODY_LEN - PROBE_ID_LEN, 0);
+            }
+            Control::FragAck { id } => out.extend_from_slice(&id.to_be_bytes()),
+            Control::KeyReady { ack } => out.push(if ack { KEY_READY_ACK } else { 0 }),
         }
     }
 
@@ -314,31 +346,50 @@ impl Control {
                 })
             }
             MessageType::PmtuProbe => {
-                let (m, _) = body.split_first_chunk::<2>().ok_or(CodecError::TooShort)?;
-                let mtu = u16::from_be_bytes(*m);
-                if body.len() != probe_body_len(mtu, encrypted).max(2) {
+                let ([i0, i1, i2, i3, m0, m1], _) = body
+                    .split_first_chunk::<PMTU_BODY_MIN>()
+                    .map(|(h, t)| (*h, t))
+                    .ok_or(CodecError::TooShort)?;
+                let mtu = u16::from_be_bytes([m0, m1]);
+                if body.len() != probe_body_len(mtu, encrypted).max(PMTU_BODY_MIN) {
                     return Err(CodecError::Malformed);
                 }
-                Ok(Control::PmtuProbe { mtu })
+                Ok(Control::PmtuProbe {
+                    id: u32::from_be_bytes([i0, i1, i2, i3]),
+                    mtu,
+                })
             }
             MessageType::PmtuAck => {
-                let m: [u8; 2] = body.try_into().map_err(|_| CodecError::Malformed)?;
+                let [i0, i1, i2, i3, m0, m1]: [u8; PMTU_BODY_MIN] =
+                    body.try_into().map_err(|_| CodecError::Malformed)?;
                 Ok(Control::PmtuAck {
-                    mtu: u16::from_be_bytes(m),
+                    id: u32::from_be_bytes([i0, i1, i2, i3]),
+                    mtu: u16::from_be_bytes([m0, m1]),
                 })
             }
             MessageType::FragTest => {
                 if body.len() != FRAG_TEST_BODY_LEN {
                     return Err(CodecError::Malformed);
                 }
-                Ok(Control::FragTest)
+                let (id, _) = body
+                    .split_first_chunk::<PROBE_ID_LEN>()
+                    .ok_or(CodecError::Malformed)?;
+                Ok(Control::FragTest {
+                    id: u32::from_be_bytes(*id),
+                })
             }
             MessageType::FragAck => {
-                if !body.is_empty() {
-                    return Err(CodecError::Malformed);
-                }
-                Ok(Control::FragAck)
+                let id: [u8; PROBE_ID_LEN] = body.try_into().map_err(|_| CodecError::Malformed)?;
+                Ok(Control::FragAck {
+                    id: u32::from_be_bytes(id),
+                })
             }
+            MessageType::KeyReady => match body {
+                [flags] if flags & !KEY_READY_ACK == 0 => Ok(Control::KeyReady {
+                    ack: flags & KEY_READY_ACK != 0,
+                }),
+                _ => Err(CodecError::Malformed),
+            },
         }
     }
 }
@@ -388,7 +439,7 @@ mod tests {
         assert_eq!(Header::parse(&b), Ok(h));
         assert_eq!(Header::parse(&b[..27]), Err(CodecError::TooShort));
         let mut bad = b;
-        bad[0] = 2;
+        bad[0] = 1;
         assert_eq!(Header::parse(&bad), Err(CodecError::BadVersion));
         let mut bad = b;
         bad[1] = 9;
@@ -434,16 +485,21 @@ mod tests {
                     heard: true,
                     established: false,
                 },
-                Control::PmtuProbe { mtu: 1400 },
-                Control::PmtuProbe { mtu: 0 },
-                Control::PmtuAck { mtu: 1400 },
-                Control::FragTest,
-                Control::FragAck,
+                Control::PmtuProbe {
+                    id: 0xfeed_f00d,
+                    mtu: 1400,
+                },
+                Control::PmtuProbe { id: 1, mtu: 0 },
+                Control::PmtuAck { id: 7, mtu: 1400 },
+                Control::FragTest { id: u32::MAX },
+                Control::FragAck { id: 3 },
+                Control::KeyReady { ack: false },
+                Control::KeyReady { ack: true },
             ] {
                 let mut body = Vec::new();
                 c.write_body(&mut body, enc);
                 assert_eq!(Control::parse(c.kind(), &body, enc), Ok(c));
-                if let Control::PmtuProbe { mtu } = c {
+                if let Control::PmtuProbe { mtu, .. } = c {
                     let total = HEADER_LEN + body.len() + if enc { TAG_LEN } else { 0 };
                     if mtu > 0 {
                         assert_eq!(total, datagram_len_for_mtu(mtu, enc));
@@ -484,7 +540,7 @@ mod tests {
             let used: usize = frames(&bytes).map(|f| frame_record_len(f.data.len())).sum();
             prop_assert!(used <= bytes.len());
             prop_assert!(n * FRAME_HEADER_LEN <= bytes.len());
-            for k in 0..6u8 {
+            for k in 0..8u8 {
                 if let Some(kind) = MessageType::from_u8(k) {
                     let _ = Control::parse(kind, &bytes, k % 2 == 0);
                 }

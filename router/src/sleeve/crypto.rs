@@ -1,12 +1,11 @@
 //! Sleeve datagram crypto: ChaCha20-Poly1305 with one key per direction (handed over by the mesh
 //! handshake), 96-bit nonce = key epoch (u32 BE) ‖ counter (u64 BE), the datagram header as
-//! associated data, a sliding replay window, and two receive epochs during a rekey overlap.
+//! associated data and a sliding replay window. Which epochs are used when: [`super::keyring`].
 //!
 //! Receive order (boringtun): cheap header checks (done by the caller), epoch lookup, replay
 //! window check, AEAD open, then mark the counter — so forged counters can never move the window.
 
 use std::fmt;
-use std::time::{Duration, Instant};
 
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
@@ -273,87 +272,8 @@ impl SendKey {
     }
 }
 
-#[derive(Debug)]
-struct RecvSlot {
-    key: OpeningKey,
-    window: ReplayWindow,
-}
-
-/// Receive side: the current epoch's key, and the previous epoch's until its overlap expires.
-#[derive(Debug)]
-pub struct ReceiveKeys {
-    current: RecvSlot,
-    previous: Option<(RecvSlot, Instant)>,
-}
-
-impl ReceiveKeys {
-    pub fn new(key: [u8; 32], epoch: u32) -> Self {
-        ReceiveKeys {
-            current: RecvSlot {
-                key: OpeningKey::new(key, epoch),
-                window: ReplayWindow::default(),
-            },
-            previous: None,
-        }
-    }
-
-    pub fn current_epoch(&self) -> u32 {
-        self.current.key.epoch
-    }
-
-    /// Install a new current key; the old one keeps working until `now + overlap`.
-    pub fn rekey(&mut self, now: Instant, key: [u8; 32], epoch: u32, overlap: Duration) {
-        let old = std::mem::replace(
-            &mut self.current,
-            RecvSlot {
-                key: OpeningKey::new(key, epoch),
-                window: ReplayWindow::default(),
-            },
-        );
-        self.previous = Some((old, now + overlap));
-    }
-
-    /// When the previous key stops being accepted.
-    pub fn previous_expiry(&self) -> Option<Instant> {
-        self.previous.as_ref().map(|(_, t)| *t)
-    }
-
-    /// Forget the previous key once its overlap is over.
-    pub fn expire(&mut self, now: Instant) {
-        if self.previous.as_ref().is_some_and(|(_, t)| now >= *t) {
-            self.previous = None;
-        }
-    }
-
-    /// Epoch lookup, replay check, AEAD open, mark. Returns the plaintext body view.
-    pub fn open<'a>(
-        &mut self,
-        now: Instant,
-        epoch: u32,
-        counter: u64,
-        datagram: &'a mut [u8],
-        aad_len: usize,
-    ) -> Result<&'a mut [u8], DropReason> {
-        let slot = if epoch == self.current.key.epoch {
-            &mut self.current
-        } else {
-            match &mut self.previous {
-                Some((slot, until)) if slot.key.epoch == epoch && now < *until => slot,
-                _ if epoch_after(epoch, self.current.key.epoch) => {
-                    return Err(DropReason::UnknownEpoch)
-                }
-                _ => return Err(DropReason::StaleEpoch),
-            }
-        };
-        slot.window.check(counter)?;
-        let plain = slot.key.open(counter, datagram, aad_len)?;
-        slot.window.mark(counter)?;
-        Ok(plain)
-    }
-}
-
 /// Serial-number comparison (RFC 1982) so epochs may wrap.
-fn epoch_after(a: u32, b: u32) -> bool {
+pub fn epoch_after(a: u32, b: u32) -> bool {
     a != b && a.wrapping_sub(b) < (1 << 31)
 }
 
@@ -414,38 +334,9 @@ mod tests {
         let text = format!(
             "{keys:?} {:?} {:?}",
             SendKey::new(keys.send, 1),
-            ReceiveKeys::new(keys.recv, 1)
+            OpeningKey::new(keys.recv, 1)
         );
         assert!(!text.contains("171") && !text.contains("ab, ") && !text.contains("205"));
         assert!(text.contains("epoch"));
-    }
-
-    #[test]
-    fn epochs_overlap_then_expire() {
-        let t0 = Instant::now();
-        let send0 = SendKey::new([1; 32], 0);
-        let send1 = SendKey::new([2; 32], 1);
-        let mut rx = ReceiveKeys::new([1; 32], 0);
-        let seal = |k: &SendKey, c| {
-            let mut b = vec![0u8; 4];
-            b.extend_from_slice(b"data");
-            k.seal(c, &mut b, 4).unwrap();
-            b
-        };
-        let mut d = seal(&send1, 0);
-        assert_eq!(rx.open(t0, 1, 0, &mut d, 4), Err(DropReason::UnknownEpoch));
-        rx.rekey(t0, [2; 32], 1, Duration::from_secs(10));
-        let mut d = seal(&send0, 1);
-        assert_eq!(
-            rx.open(t0, 0, 1, &mut d, 4).map(|p| p.to_vec()),
-            Ok(b"data".to_vec())
-        );
-        let mut d = seal(&send1, 0);
-        assert!(rx.open(t0, 1, 0, &mut d, 4).is_ok());
-        let later = t0 + Duration::from_secs(10);
-        let mut d = seal(&send0, 2);
-        assert_eq!(rx.open(later, 0, 2, &mut d, 4), Err(DropReason::StaleEpoch));
-        rx.expire(later);
-        assert_eq!(rx.previous_expiry(), None);
     }
 }

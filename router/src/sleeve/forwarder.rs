@@ -6,7 +6,12 @@
 //!
 //! Establishment is decided over UDP alone: each heartbeat carries a "heard you" flag, and a side
 //! is established once it has received a valid heartbeat whose flag says the peer hears us (so
-//! UDP works both ways). Acks for PMTU probes and fragmentation tests also travel over UDP.
+//! UDP works both ways). Acks for PMTU probes and fragmentation tests also travel over UDP; they
+//! count only when they echo the id of a probe we sent (and never above the configured MTU).
+//!
+//! Rekeying: [`KeyRing`] (new epochs are sent on only once the peer proved it has them).
+//! Plaintext (trusted) connections with [`ForwarderConfig::pin_remote_addr`] accept datagrams
+//! only from the address the mesh connection gave: nothing authenticates them otherwise.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -15,8 +20,12 @@ use super::codec::{
     self, datagram_len_for_mtu, Control, Frames, Header, MessageType, HEADER_LEN, MAX_UDP_PAYLOAD,
     TAG_LEN,
 };
-use super::crypto::{ReceiveKeys, SendKey, SessionKeys};
+use super::crypto::SessionKeys;
+use super::keyring::{KeyRing, KeyStats};
 use super::{DropCounters, DropReason, PeerName};
+
+/// Most unanswered PMTU probes remembered (their acks are accepted).
+const MAX_PROBES: usize = 16;
 
 /// Static parameters of one forwarder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,8 +54,16 @@ pub struct ForwarderConfig {
     pub max_batch_frames: usize,
     /// Frames queued per path (DF / non-DF) before `queue_frame` says QueueFull.
     pub queue_capacity: usize,
-    /// How long the previous receive key stays valid after a rekey.
+    /// How long an older receive epoch stays valid after we moved to a newer one.
     pub rekey_overlap: Duration,
+    /// `KeyReady` retry interval while a newer epoch is not sent on yet.
+    pub key_ready_retry: Duration,
+    /// First PMTU/fragmentation probe id (random per connection, so that a blind sender
+    /// cannot guess which acks we wait for).
+    pub probe_seed: u32,
+    /// Accept datagrams only from the remote address given at creation, and never move it
+    /// (plaintext mode: nothing else authenticates the sender).
+    pub pin_remote_addr: bool,
 }
 
 impl ForwarderConfig {
@@ -67,6 +84,10 @@ impl ForwarderConfig {
             max_batch_frames: 100,
             queue_capacity: 64,
             rekey_overlap: Duration::from_secs(10),
+            key_ready_retry: Duration::from_millis(100),
+            // Not secret: only makes ids differ between connections; the shell sets a random one.
+            probe_seed: (conn_uid ^ (conn_uid >> 32)) as u32,
+            pin_remote_addr: false,
         }
     }
 }
@@ -148,8 +169,7 @@ pub struct ForwarderStats {
 pub struct Forwarder<A> {
     cfg: ForwarderConfig,
     remote_addr: Option<A>,
-    send: Option<SendKey>,
-    recv: Option<ReceiveKeys>,
+    keys: Option<KeyRing>,
     plain_counter: u64,
     heard: bool,
     established: bool,
@@ -163,6 +183,11 @@ pub struct Forwarder<A> {
     pmtu: Pmtu,
     next_frag_test: Option<Instant>,
     stack_frag: bool,
+    next_probe_id: u32,
+    /// PMTU probes sent and not answered yet (id, mtu), oldest first, at most [`MAX_PROBES`].
+    pmtu_outstanding: VecDeque<(u32, u16)>,
+    /// The id of the last fragmentation test, until answered.
+    frag_outstanding: Option<u32>,
     control: VecDeque<(Control, bool)>,
     df_queue: FrameQueue,
     nondf_queue: FrameQueue,
@@ -185,21 +210,15 @@ impl<A: Clone + PartialEq> Forwarder<A> {
         let cap = codec::mtu_for_datagram_len(MAX_UDP_PAYLOAD, encrypted);
         let hi = cfg.max_mtu.min(cap);
         let lo = cfg.min_mtu.min(hi);
-        let (send, recv) = match keys {
-            Some(k) => (
-                Some(SendKey::new(k.send, k.epoch)),
-                Some(ReceiveKeys::new(k.recv, k.epoch)),
-            ),
-            None => (None, None),
-        };
+        let keys = keys.map(|k| KeyRing::new(&k, cfg.rekey_overlap, cfg.key_ready_retry));
         let mut f = Forwarder {
+            next_probe_id: cfg.probe_seed,
             heartbeat_deadline: now + cfg.heartbeat_timeout,
             next_heartbeat: now + cfg.heartbeat_fast,
             heartbeat_interval: cfg.heartbeat_fast,
             cfg,
             remote_addr,
-            send,
-            recv,
+            keys,
             plain_counter: 0,
             heard: false,
             established: false,
@@ -209,6 +228,8 @@ impl<A: Clone + PartialEq> Forwarder<A> {
             pmtu: Pmtu::Idle,
             next_frag_test: None,
             stack_frag: false,
+            pmtu_outstanding: VecDeque::new(),
+            frag_outstanding: None,
             control: VecDeque::new(),
             df_queue: FrameQueue::default(),
             nondf_queue: FrameQueue::default(),
@@ -227,7 +248,22 @@ impl<A: Clone + PartialEq> Forwarder<A> {
     }
 
     pub fn is_encrypted(&self) -> bool {
-        self.send.is_some()
+        self.keys.is_some()
+    }
+
+    /// The key epoch we send on (0 in plaintext mode).
+    pub fn udp_epoch(&self) -> u32 {
+        self.keys.as_ref().map_or(0, KeyRing::sending_epoch)
+    }
+
+    /// Key epoch counters (all 0 in plaintext mode).
+    pub fn key_stats(&self) -> KeyStats {
+        self.keys.as_ref().map(KeyRing::stats).unwrap_or_default()
+    }
+
+    /// Datagrams dropped because of their key epoch (too old or not known yet).
+    pub fn key_drops(&self) -> u64 {
+        self.drops.get(DropReason::StaleEpoch) + self.drops.get(DropReason::UnknownEpoch)
     }
 
     pub fn is_established(&self) -> bool {
@@ -293,12 +329,12 @@ impl<A: Clone + PartialEq> Forwarder<A> {
 
     // ---- inputs ----
 
-    /// Install new keys (rekey / password rotation). Sending switches at once; the previous
-    /// receive key is accepted for `rekey_overlap` more. Ignored in plaintext mode.
+    /// Install new keys (rekey / password rotation): received on at once, sent on once the
+    /// peer proved it has them ([`KeyRing`]). Ignored in plaintext mode and for epochs that are
+    /// not newer than every one held.
     pub fn rekey(&mut self, now: Instant, keys: SessionKeys) {
-        if let (Some(send), Some(recv)) = (&mut self.send, &mut self.recv) {
-            *send = SendKey::new(keys.send, keys.epoch);
-            recv.rekey(now, keys.recv, keys.epoch, self.cfg.rekey_overlap);
+        if let Some(ring) = &mut self.keys {
+            ring.install(now, &keys);
         }
     }
 
@@ -410,7 +446,10 @@ impl<A: Clone + PartialEq> Forwarder<A> {
         if header.sender != self.cfg.remote || header.receiver != self.cfg.local {
             return Err(DropReason::WrongPeer);
         }
-        let body: &'a mut [u8] = match &mut self.recv {
+        if self.cfg.pin_remote_addr && self.remote_addr.as_ref() != Some(&from) {
+            return Err(DropReason::WrongAddress);
+        }
+        let body: &'a mut [u8] = match &mut self.keys {
             Some(keys) => keys.open(now, header.epoch, header.counter, datagram, HEADER_LEN)?,
             None => datagram.get_mut(HEADER_LEN..).ok_or(DropReason::TooShort)?,
         };
@@ -468,16 +507,37 @@ impl<A: Clone + PartialEq> Forwarder<A> {
                     self.start_frag_test(now);
                 }
             }
-            Control::PmtuProbe { mtu } => self.control.push_back((Control::PmtuAck { mtu }, false)),
-            Control::PmtuAck { mtu } => self.pmtu_acked(now, mtu),
-            Control::FragTest => self.control.push_back((Control::FragAck, false)),
-            Control::FragAck => {
+            Control::PmtuProbe { id, mtu } => self
+                .control
+                .push_back((Control::PmtuAck { id, mtu }, false)),
+            Control::PmtuAck { id, mtu } => {
+                let i = self
+                    .pmtu_outstanding
+                    .iter()
+                    .position(|p| *p == (id, mtu))
+                    .filter(|_| mtu <= self.mtu_cap())
+                    .ok_or(DropReason::UnexpectedAck)?;
+                self.pmtu_outstanding.remove(i);
+                self.pmtu_acked(now, mtu);
+            }
+            Control::FragTest { id } => self.control.push_back((Control::FragAck { id }, false)),
+            Control::FragAck { id } => {
+                if self.frag_outstanding != Some(id) {
+                    return Err(DropReason::UnexpectedAck);
+                }
+                self.frag_outstanding = None;
                 if !self.stack_frag {
                     self.stack_frag = true;
                     self.events
                         .push_back(ForwarderEvent::StackFragmentation(true));
                 }
             }
+            // The switch itself happened when the datagram opened (KeyRing::open); answer so
+            // the peer gets its evidence even when no data flows.
+            Control::KeyReady { ack: false } => self
+                .control
+                .push_back((Control::KeyReady { ack: true }, false)),
+            Control::KeyReady { ack: true } => {}
         }
         Ok(())
     }
@@ -504,8 +564,16 @@ impl<A: Clone + PartialEq> Forwarder<A> {
             }
         }
         self.pmtu_tick(now);
-        if let Some(recv) = &mut self.recv {
-            recv.expire(now);
+        self.key_tick(now);
+    }
+
+    fn key_tick(&mut self, now: Instant) {
+        if let Some(keys) = &mut self.keys {
+            keys.expire(now);
+            if keys.poll_key_ready(now).is_some() && self.remote_addr.is_some() {
+                self.control
+                    .push_back((Control::KeyReady { ack: false }, false));
+            }
         }
     }
 
@@ -532,7 +600,7 @@ impl<A: Clone + PartialEq> Forwarder<A> {
         if let Some(at) = self.next_frag_test {
             t = t.min(at);
         }
-        if let Some(at) = self.recv.as_ref().and_then(|r| r.previous_expiry()) {
+        if let Some(at) = self.keys.as_ref().and_then(KeyRing::poll_timeout) {
             t = t.min(at);
         }
         Some(t)
@@ -564,11 +632,16 @@ impl<A: Clone + PartialEq> Forwarder<A> {
                     other => other,
                 };
                 let encrypted = self.is_encrypted();
+                // A KeyReady announces the newest epoch: it goes on that epoch.
+                let epoch = match (&self.keys, control) {
+                    (Some(k), Control::KeyReady { ack: false }) => k.newest_epoch(),
+                    _ => self.udp_epoch(),
+                };
                 let sealed = self
-                    .begin_datagram(buf, control.kind())
+                    .begin_datagram(buf, control.kind(), epoch)
                     .and_then(|counter| {
                         control.write_body(buf, encrypted);
-                        self.finish_datagram(buf, counter)
+                        self.finish_datagram(buf, epoch, counter)
                     });
                 match sealed {
                     Ok(size) => {
@@ -629,7 +702,8 @@ impl<A: Clone + PartialEq> Forwarder<A> {
                 body_len += r.len();
                 n += 1;
             }
-            let counter = match self.begin_datagram(buf, MessageType::Data) {
+            let epoch = self.udp_epoch();
+            let counter = match self.begin_datagram(buf, MessageType::Data, epoch) {
                 Ok(c) => c,
                 Err(reason) => {
                     self.drop_queued(df, n, reason);
@@ -647,7 +721,7 @@ impl<A: Clone + PartialEq> Forwarder<A> {
                     queue.spare.push(r);
                 }
             }
-            match self.finish_datagram(buf, counter) {
+            match self.finish_datagram(buf, epoch, counter) {
                 Ok(size) => {
                     self.stats.datagrams_sent += 1;
                     self.stats.frames_sent += n as u64;
@@ -682,11 +756,17 @@ impl<A: Clone + PartialEq> Forwarder<A> {
         }
     }
 
-    /// Clear `buf` and write a header with the next counter; returns the counter.
-    fn begin_datagram(&mut self, buf: &mut Vec<u8>, kind: MessageType) -> Result<u64, DropReason> {
+    /// Clear `buf` and write a header with the next counter of `epoch` (ignored in plaintext
+    /// mode); returns the counter.
+    fn begin_datagram(
+        &mut self,
+        buf: &mut Vec<u8>,
+        kind: MessageType,
+        epoch: u32,
+    ) -> Result<u64, DropReason> {
         let encrypted = self.is_encrypted();
-        let (epoch, counter) = match &mut self.send {
-            Some(k) => (k.epoch(), k.next_counter()?),
+        let (epoch, counter) = match &mut self.keys {
+            Some(k) => (epoch, k.next_counter(epoch)?),
             None => {
                 let c = self.plain_counter;
                 self.plain_counter = self.plain_counter.wrapping_add(1);
@@ -707,11 +787,29 @@ impl<A: Clone + PartialEq> Forwarder<A> {
     }
 
     /// Seal the body after the header when encrypted. Returns the datagram size.
-    fn finish_datagram(&self, buf: &mut Vec<u8>, counter: u64) -> Result<usize, DropReason> {
-        match &self.send {
-            Some(k) => k.seal(counter, buf, HEADER_LEN),
+    fn finish_datagram(
+        &mut self,
+        buf: &mut Vec<u8>,
+        epoch: u32,
+        counter: u64,
+    ) -> Result<usize, DropReason> {
+        match &mut self.keys {
+            Some(k) => k.seal(epoch, counter, buf, HEADER_LEN),
             None => Ok(buf.len()),
         }
+    }
+
+    /// A control datagram as `poll_transmit` would seal it now (tests forge acks with it).
+    #[cfg(test)]
+    pub(crate) fn sealed_control_for_test(&mut self, c: Control) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let epoch = self.udp_epoch();
+        let encrypted = self.is_encrypted();
+        if let Ok(counter) = self.begin_datagram(&mut buf, c.kind(), epoch) {
+            c.write_body(&mut buf, encrypted);
+            let _ = self.finish_datagram(&mut buf, epoch, counter);
+        }
+        buf
     }
 
     // ---- heartbeats, PMTU, frag test ----
@@ -734,9 +832,23 @@ impl<A: Clone + PartialEq> Forwarder<A> {
         }
     }
 
+    fn probe_id(&mut self) -> u32 {
+        let id = self.next_probe_id;
+        self.next_probe_id = self.next_probe_id.wrapping_add(1);
+        id
+    }
+
+    /// The highest overlay MTU we ever probe or accept: the configured one, if it fits.
+    fn mtu_cap(&self) -> u16 {
+        let cap = codec::mtu_for_datagram_len(MAX_UDP_PAYLOAD, self.is_encrypted());
+        self.cfg.max_mtu.min(cap)
+    }
+
     fn start_frag_test(&mut self, now: Instant) {
         self.stack_frag = false;
-        self.control.push_back((Control::FragTest, false));
+        let id = self.probe_id();
+        self.frag_outstanding = Some(id);
+        self.control.push_back((Control::FragTest { id }, false));
         self.next_frag_test = Some(now + self.cfg.frag_test_interval);
     }
 
@@ -789,8 +901,13 @@ impl<A: Clone + PartialEq> Forwarder<A> {
             self.pmtu_next_candidate(now);
             return;
         }
+        let id = self.probe_id();
+        if self.pmtu_outstanding.len() >= MAX_PROBES {
+            self.pmtu_outstanding.pop_front();
+        }
+        self.pmtu_outstanding.push_back((id, candidate));
         self.control
-            .push_back((Control::PmtuProbe { mtu: candidate }, true));
+            .push_back((Control::PmtuProbe { id, mtu: candidate }, true));
         let wait = if sent == 0 { interval } else { interval * 2 };
         self.pmtu = Pmtu::Probing {
             candidate,

@@ -1,7 +1,8 @@
 //! The sleeve data plane core: pure and sans-IO (no sockets, no clock; `now` is passed in).
 //!
 //! - [`codec`]: the UDP datagram layout (header, frame batches, control messages).
-//! - [`crypto`]: ChaCha20-Poly1305 per-direction keys, key epochs for rekeying, replay window.
+//! - [`crypto`]: ChaCha20-Poly1305 per-direction keys, replay window.
+//! - [`keyring`]: which key epochs are sent and received on across rekeys (no loss).
 //! - [`forwarder`]: the per-peer-connection UDP state machine (heartbeats, PMTU discovery,
 //!   fragmentation test, batching), driven quinn-style by a shell that owns the sockets.
 //!
@@ -10,6 +11,7 @@
 pub mod codec;
 pub mod crypto;
 pub mod forwarder;
+pub mod keyring;
 
 #[cfg(test)]
 mod tests;
@@ -17,8 +19,9 @@ mod tests;
 /// The mesh's peer name (48 bits, 6 bytes on the wire), shared with the sleeve.
 pub use crate::mesh::peer::PeerName;
 pub use codec::{CodecError, Control, Frame, Frames, Header, MessageType};
-pub use crypto::{OpeningKey, ReceiveKeys, ReplayWindow, SealingKey, SendKey, SessionKeys};
+pub use crypto::{OpeningKey, ReplayWindow, SealingKey, SendKey, SessionKeys};
 pub use forwarder::{Forwarder, ForwarderConfig, ForwarderEvent, Received, Transmit};
+pub use keyring::{KeyRing, KeyStats};
 
 /// Why a datagram (or a frame handed to the forwarder) was dropped. Fieldless: cheap to return
 /// per packet and usable as a metric label ([`DropReason::as_str`]).
@@ -62,11 +65,15 @@ pub enum DropReason {
     CounterExhausted,
     #[error("forwarder closed")]
     Closed,
+    #[error("acknowledgement of no probe we sent")]
+    UnexpectedAck,
+    #[error("plaintext datagram from another address than the connection's")]
+    WrongAddress,
 }
 
 impl DropReason {
     /// Every variant, in declaration order (index = `self as usize`).
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::TooShort,
         DropReason::BadVersion,
         DropReason::UnknownType,
@@ -86,6 +93,8 @@ impl DropReason {
         DropReason::QueueFull,
         DropReason::CounterExhausted,
         DropReason::Closed,
+        DropReason::UnexpectedAck,
+        DropReason::WrongAddress,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -111,6 +120,8 @@ impl DropReason {
             DropReason::QueueFull => "queue_full",
             DropReason::CounterExhausted => "counter_exhausted",
             DropReason::Closed => "closed",
+            DropReason::UnexpectedAck => "unexpected_ack",
+            DropReason::WrongAddress => "wrong_address",
         }
     }
 }

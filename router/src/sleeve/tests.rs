@@ -37,7 +37,20 @@ struct Packet {
     data: Vec<u8>,
 }
 
+/// What the path does to one datagram (see [`Pair::filter`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Deliver,
+    Drop,
+    /// Deliver this much later than usual (so later datagrams overtake it).
+    Delay(Duration),
+}
+
+/// Decides the fate of a datagram: (towards B?, its bytes).
+type Filter = Box<dyn FnMut(bool, &[u8]) -> Fate>;
+
 struct Pair {
+    filter: Option<Filter>,
     time: Instant,
     latency: Duration,
     /// Largest datagram (UDP payload) the path carries unfragmented.
@@ -88,6 +101,7 @@ impl Pair {
             results: Vec::new(),
         };
         Pair {
+            filter: None,
             time,
             latency: Duration::from_millis(1),
             mtu: 1472,
@@ -134,9 +148,18 @@ impl Pair {
                     || self.blackhole
                     || self.drop_every.is_some_and(|n| self.sent.is_multiple_of(n))
                     || (t.size > self.mtu && (t.df || !self.frag_ok));
+                let fate = match &mut self.filter {
+                    Some(f) if !lost => f(to_b, &self.buf),
+                    _ => Fate::Deliver,
+                };
+                let extra = match fate {
+                    Fate::Deliver => Duration::ZERO,
+                    Fate::Delay(d) => d,
+                    Fate::Drop => continue,
+                };
                 if !lost {
                     self.in_flight.push_back(Packet {
-                        at: self.time + self.latency,
+                        at: self.time + self.latency + extra,
                         to_b,
                         from,
                         data: self.buf.clone(),
@@ -556,7 +579,7 @@ proptest! {
 
     #[test]
     fn plausible_headers_with_arbitrary_bodies_never_panic(
-        kind in 0u8..6,
+        kind in 0u8..7,
         counter in any::<u64>(),
         body in proptest::collection::vec(any::<u8>(), 0..300),
     ) {
@@ -623,4 +646,291 @@ fn follows_peer_address_change() {
     p.run_for(Duration::from_millis(10));
     assert_eq!(p.a.frames, vec![(NAME_B, NAME_A, eth(60, 5))]);
     assert!(!p.a.has(ForwarderEvent::HeartbeatTimedOut));
+}
+
+fn numbered(seq: u32) -> Vec<u8> {
+    let mut f = eth(64, 0);
+    f[..4].copy_from_slice(&seq.to_be_bytes());
+    f
+}
+
+fn seqs(side: &Side) -> Vec<u32> {
+    let mut v: Vec<u32> = side
+        .frames
+        .iter()
+        .filter_map(|f| f.2.first_chunk::<4>().map(|b| u32::from_be_bytes(*b)))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+fn is_key_ready(d: &[u8]) -> bool {
+    d.get(1) == Some(&(MessageType::KeyReady as u8))
+}
+
+/// Traffic both ways every millisecond for `ms` ms while both sides get `rekeys` new epochs,
+/// B `b_first` before A each time (negative: A first), one rekey every `every`. Returns the
+/// pair after the run: callers check what got through.
+fn rekey_under_load(rekeys: u32, every: Duration, b_first: i64, filter: Option<Filter>) -> Pair {
+    let mut p = Pair::new(true);
+    p.latency = Duration::from_millis(2);
+    p.filter = filter;
+    p.establish();
+    let start = p.time;
+    let lead = Duration::from_millis(b_first.unsigned_abs());
+    let mut schedule = Vec::new();
+    for e in 1..=rekeys {
+        let t = start + every * e;
+        let (early, late) = if b_first >= 0 {
+            (false, true)
+        } else {
+            (true, false)
+        };
+        // (when, to A?, epoch)
+        schedule.push((t, early, e));
+        schedule.push((t + lead, late, e));
+    }
+    schedule.sort_by_key(|s| s.0);
+    let total = every * (rekeys + 1);
+    let ms = total.as_millis() as u32;
+    let mut next = 0;
+    for seq in 0..ms {
+        while let Some(&(t, to_a, e)) = schedule.get(next) {
+            if t > p.time {
+                break;
+            }
+            let (ka, kb) = keys(e);
+            if to_a {
+                p.a.fwd.rekey(p.time, ka);
+            } else {
+                p.b.fwd.rekey(p.time, kb);
+            }
+            next += 1;
+        }
+        p.a.fwd
+            .queue_frame(NAME_A, NAME_B, &numbered(seq), true)
+            .unwrap();
+        p.b.fwd
+            .queue_frame(NAME_B, NAME_A, &numbered(seq), true)
+            .unwrap();
+        p.run_for(Duration::from_millis(1));
+    }
+    p.run_for(Duration::from_millis(100));
+    let all: Vec<u32> = (0..ms).collect();
+    assert_eq!(seqs(&p.b), all, "frames lost A -> B");
+    assert_eq!(seqs(&p.a), all, "frames lost B -> A");
+    p
+}
+
+#[test]
+fn rekey_at_different_instants_loses_nothing() {
+    // B (the TCP rekey responder) a round trip ahead, A ahead, and far apart.
+    for lead in [4, -4, 0, 300, -300] {
+        let p = rekey_under_load(5, Duration::from_millis(700), lead, None);
+        for side in [&p.a, &p.b] {
+            assert_eq!(side.fwd.udp_epoch(), 5, "lead {lead}");
+            assert_eq!(side.fwd.key_stats().switches, 5, "lead {lead}");
+            assert_eq!(side.fwd.drops().get(DropReason::StaleEpoch), 0);
+        }
+    }
+}
+
+#[test]
+fn rekey_survives_lost_delayed_and_reordered_key_ready() {
+    // Every other KeyReady lost, the rest late enough for data to overtake them.
+    let mut n = 0u32;
+    let filter: Filter = Box::new(move |_, d| {
+        if !is_key_ready(d) {
+            return Fate::Deliver;
+        }
+        n += 1;
+        match n % 3 {
+            0 => Fate::Drop,
+            1 => Fate::Delay(Duration::from_millis(40)),
+            _ => Fate::Delay(Duration::from_millis(5)),
+        }
+    });
+    let p = rekey_under_load(4, Duration::from_millis(900), 4, Some(filter));
+    for side in [&p.a, &p.b] {
+        assert_eq!(side.fwd.udp_epoch(), 4);
+        assert_eq!(side.fwd.drops().get(DropReason::StaleEpoch), 0);
+    }
+}
+
+#[test]
+fn without_any_evidence_old_epoch_keeps_working() {
+    // No KeyReady ever arrives and no data on the new epoch: nothing switches, nothing is lost.
+    let filter: Filter = Box::new(|_, d| {
+        if is_key_ready(d) {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    let p = rekey_under_load(6, Duration::from_millis(500), 4, Some(filter));
+    for side in [&p.a, &p.b] {
+        assert_eq!(side.fwd.udp_epoch(), 0);
+        assert_eq!(side.fwd.key_stats().switches, 0);
+    }
+}
+
+#[test]
+fn key_ready_only_answers_with_evidence() {
+    // Only B got the new keys: its KeyReady on epoch 1 cannot be opened by A, so A never
+    // switches and B keeps sending on epoch 0 (retrying KeyReady).
+    let mut p = Pair::new(true);
+    p.establish();
+    let (_, kb) = keys(1);
+    p.b.fwd.rekey(p.time, kb);
+    p.run_for(Duration::from_millis(350));
+    assert_eq!(p.b.fwd.udp_epoch(), 0);
+    assert_eq!(p.a.fwd.udp_epoch(), 0);
+    assert!(
+        p.a.fwd.drops().get(DropReason::UnknownEpoch) >= 2,
+        "KeyReady retried"
+    );
+    assert_eq!(p.b.fwd.key_drops(), 0);
+    // A gets it; one exchange later both send on epoch 1.
+    let (ka, _) = keys(1);
+    p.a.fwd.rekey(p.time, ka);
+    p.run_for(Duration::from_millis(150));
+    assert_eq!((p.a.fwd.udp_epoch(), p.b.fwd.udp_epoch()), (1, 1));
+}
+
+#[test]
+fn acks_count_only_for_probes_we_sent() {
+    for encrypted in [false, true] {
+        let mut p = Pair::new(encrypted);
+        p.establish();
+        p.run_for(Duration::from_secs(60));
+        let mtu = p.a.fwd.effective_mtu();
+        // Forged acks: an id never sent, an MTU above the configured one, a frag ack.
+        for c in [
+            Control::PmtuAck {
+                id: 0xdead,
+                mtu: 9000,
+            },
+            Control::PmtuAck {
+                id: 0xdead,
+                mtu: mtu + 1,
+            },
+            Control::FragAck { id: 0xdead },
+        ] {
+            let d = control_from_b(&mut p, c);
+            let mut copy = d.clone();
+            assert_eq!(
+                p.a.fwd
+                    .handle_datagram(p.time, ADDR_B, &mut copy)
+                    .map(|_| ()),
+                Err(DropReason::UnexpectedAck),
+                "{c:?}"
+            );
+        }
+        assert_eq!(p.a.fwd.effective_mtu(), mtu);
+        assert_eq!(p.a.fwd.drops().get(DropReason::UnexpectedAck), 3);
+    }
+}
+
+#[test]
+fn acks_above_the_configured_mtu_are_refused() {
+    // The peer acks every probe id, but with a bigger MTU than probed (or configured).
+    let mut p = Pair::with(false, |c| c.max_mtu = 1400);
+    p.mtu = 65535;
+    p.filter = Some(Box::new(|to_b, d| {
+        if !to_b && d.get(1) == Some(&(MessageType::PmtuAck as u8)) {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    }));
+    p.establish();
+    // Probes went out: answer the first one with MTU 9000 (same id).
+    let sent = p.a.fwd.config().probe_seed;
+    let d = control_from_b(
+        &mut p,
+        Control::PmtuAck {
+            id: sent,
+            mtu: 9000,
+        },
+    );
+    let mut copy = d.clone();
+    assert_eq!(
+        p.a.fwd
+            .handle_datagram(p.time, ADDR_B, &mut copy)
+            .map(|_| ()),
+        Err(DropReason::UnexpectedAck)
+    );
+    p.run_for(Duration::from_secs(5));
+    assert!(p.a.fwd.effective_mtu() <= 1400);
+}
+
+/// A control datagram from B to A, built the way B's forwarder would (plaintext only when
+/// the pair is plaintext; encrypted ones go through B's forwarder to be sealed).
+fn control_from_b(p: &mut Pair, c: Control) -> Vec<u8> {
+    if p.b.fwd.is_encrypted() {
+        return p.b.fwd.sealed_control_for_test(c);
+    }
+    let mut d = Vec::new();
+    Header {
+        kind: c.kind(),
+        encrypted: false,
+        sender: NAME_B,
+        receiver: NAME_A,
+        epoch: 0,
+        counter: 1 << 40,
+    }
+    .write(&mut d);
+    c.write_body(&mut d, false);
+    d
+}
+
+#[test]
+fn plaintext_pinned_accepts_only_the_known_address() {
+    let time = Instant::now();
+    let mut cb = ForwarderConfig::new(NAME_B, NAME_A, UID);
+    cb.pin_remote_addr = true;
+    let mut b: Forwarder<Addr> = Forwarder::new(time, cb, None, Some(ADDR_A));
+    let hb = Control::Heartbeat {
+        conn_uid: UID,
+        heard: true,
+        established: true,
+    };
+    let mut p = Pair::new(false);
+    let d = control_from_b(&mut p, hb);
+    // Re-address it A -> B.
+    let mut d2 = d.clone();
+    d2[4..10].copy_from_slice(&NAME_A.to_bytes());
+    d2[10..16].copy_from_slice(&NAME_B.to_bytes());
+    let mut copy = d2.clone();
+    assert_eq!(
+        b.handle_datagram(time, 9, &mut copy).map(|_| ()),
+        Err(DropReason::WrongAddress)
+    );
+    assert!(!b.is_established());
+    assert_eq!(b.remote_addr(), Some(&ADDR_A));
+    let mut copy = d2.clone();
+    assert!(b.handle_datagram(time, ADDR_A, &mut copy).is_ok());
+    assert!(b.is_established());
+    // A data datagram from elsewhere is dropped too.
+    let mut data = Vec::new();
+    Header {
+        kind: MessageType::Data,
+        encrypted: false,
+        sender: NAME_A,
+        receiver: NAME_B,
+        epoch: 0,
+        counter: 5,
+    }
+    .write(&mut data);
+    codec::write_frame(&mut data, NAME_A, NAME_B, &eth(60, 1)).unwrap();
+    let mut copy = data.clone();
+    assert_eq!(
+        b.handle_datagram(time, 7, &mut copy).map(|_| ()),
+        Err(DropReason::WrongAddress)
+    );
+    let mut copy = data.clone();
+    assert!(matches!(
+        b.handle_datagram(time, ADDR_A, &mut copy),
+        Ok(Received::Frames(_))
+    ));
 }

@@ -72,7 +72,8 @@ const IDLE_TIMER: Duration = Duration::from_secs(3600);
 pub enum DataPlaneCommand {
     /// A connection to `name` is up: create (or replace) its forwarder. `remote`: the peer's
     /// UDP address when known (the dialler's side: the TCP address); the listener learns it from
-    /// the first valid heartbeat. `udp_keys`: `None` = plaintext (trusted subnets / no password).
+    /// the first valid heartbeat. `udp_keys`: `None` = plaintext (trusted subnets / no password):
+    /// then `remote` must be given, and datagrams are accepted from that address only.
     PeerUp {
         name: PeerName,
         conn_uid: u64,
@@ -124,8 +125,12 @@ pub struct ShellDrops {
     pub unknown_peer: u64,
     /// Frames for a destination without a route (or whose next hop has no forwarder).
     pub no_route: u64,
-    /// Frames over the path MTU that we cannot fragment (ICMP synthesis: not yet).
+    /// Frames over the path MTU that we cannot fragment (answered with ICMP, rate limited).
     pub frame_too_big: u64,
+    /// ICMP replies not sent: over the rate limit ([`icmp::RateLimiter`]).
+    pub icmp_rate_limited: u64,
+    /// MAC cache entries evicted because it was full.
+    pub macs_evicted: u64,
     /// Captured frames whose source MAC lives at a remote peer (likely our own injection).
     pub source_is_remote: u64,
     /// Frames shorter than an Ethernet header.
@@ -160,6 +165,12 @@ pub struct PeerStatus {
     pub timed_out: bool,
     pub stats: ForwarderStats,
     pub drops: DropCounters,
+    /// The UDP key epoch we send on.
+    pub udp_epoch: u32,
+    /// Times the sending epoch moved on (rekeys completed on the data path).
+    pub udp_key_switches: u64,
+    /// Datagrams dropped for their key epoch (stale or not known yet).
+    pub udp_key_drops: u64,
 }
 
 /// Snapshot published after changes and about once a second.
@@ -204,6 +215,7 @@ struct Plane {
     /// Frames to inject, merged per TCP flow; injected at the end of every loop turn.
     to_inject: Coalescer,
     macs: MacCache<PeerName>,
+    icmp_limit: icmp::RateLimiter,
     routes: RouteTable,
     peers: HashMap<PeerName, Peer>,
     /// Forwarders touched since the last flush.
@@ -257,6 +269,7 @@ pub async fn run_data_plane(
         injector,
         to_inject: Coalescer::new(),
         macs: MacCache::default(),
+        icmp_limit: icmp::RateLimiter::icmp(std_now()),
         routes: RouteTable::default(),
         peers: HashMap::new(),
         dirty: HashSet::new(),
@@ -354,14 +367,20 @@ impl Plane {
                         timed_out: p.timed_out,
                         stats: p.fwd.stats().clone(),
                         drops: p.fwd.drops().clone(),
+                        udp_epoch: p.fwd.udp_epoch(),
+                        udp_key_switches: p.fwd.key_stats().switches,
+                        udp_key_drops: p.fwd.key_drops(),
                     },
                 )
             })
             .collect();
+        let mut drops = self.drops.clone();
+        drops.macs_evicted = self.macs.evicted();
+        drops.icmp_rate_limited = self.icmp_limit.limited();
         DataPlaneStatus {
             peers,
             capture,
-            drops: self.drops.clone(),
+            drops,
             captured_frames: self.captured_frames,
             injected_frames: self.injected_frames,
             received_datagrams: self.received_datagrams,
@@ -381,7 +400,12 @@ impl Plane {
                 let mut cfg = ForwarderConfig::new(self.me, name, conn_uid);
                 cfg.max_mtu = self.max_mtu;
                 cfg.queue_capacity = BATCH;
+                cfg.probe_seed = rand_core::RngCore::next_u32(&mut rand_core::OsRng);
                 let encrypted = udp_keys.is_some();
+                cfg.pin_remote_addr = !encrypted;
+                if !encrypted && remote.is_none() {
+                    tracing::warn!(peer = %name, "sleeve: plaintext connection without a known address: its datagrams are dropped");
+                }
                 let fwd = Forwarder::new(now, cfg, udp_keys, remote);
                 tracing::info!(peer = %name, ?remote, encrypted, "sleeve: forwarder up");
                 self.peers.insert(
@@ -613,6 +637,9 @@ impl Plane {
         let Some(reply) = icmp::frag_needed(frame, mtu) else {
             return;
         };
+        if !self.icmp_limit.allow(std_now()) {
+            return;
+        }
         tracing::debug!(%dst, %src, pmtu = mtu, "sleeve: sending ICMP 3,4 (dst -> src)");
         if src == self.me {
             self.to_inject.push(&reply);
