@@ -18,7 +18,8 @@ use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot, watch};
 use weave_router::addr::Ipv4Cidr;
 use weave_router::bridge::Bridge;
-use weave_router::sleeve::{PeerName, SessionKeys};
+use weave_router::sleeve::codec::VERSION;
+use weave_router::sleeve::{DropReason, PeerName, SessionKeys};
 use weave_router::sleeve_shell::{
     run_data_plane, DataPlaneCommand, DataPlaneConfig, DataPlaneError, DataPlaneStatus, RouteTable,
 };
@@ -176,9 +177,10 @@ fn link(x: &FakeContainer, y: &FakeContainer, ends: [(&str, &str); 2]) {
     }
 }
 
-/// Connect `x` (dialler, knows `y_addr`) and `y` (learns `x`'s address from heartbeats); wait
-/// for both forwarders to be established.
-fn connect(x: &Router, y: &Router, y_addr: &str, encrypted: bool) {
+/// Connect `x` (dialler, knows `y`'s address) and `y` (encrypted: learns `x`'s address from
+/// heartbeats; plaintext: is given it, as the router does); wait for both to be established.
+fn connect(x: (&Router, &str), y: (&Router, &str), encrypted: bool) {
+    let ((x, x_addr), (y, y_addr)) = (x, y);
     let (keys_x, keys_y) = if encrypted {
         let (k1, k2) = ([0x11; 32], [0x22; 32]);
         (
@@ -199,7 +201,8 @@ fn connect(x: &Router, y: &Router, y_addr: &str, encrypted: bool) {
     y.send(DataPlaneCommand::PeerUp {
         name: x.name,
         conn_uid: CONN_UID,
-        remote: None,
+        // Plaintext: the listener is given the dialler's address too (the only check on it).
+        remote: (!encrypted).then(|| x_addr.parse().expect("addr")),
         udp_keys: keys_y,
     });
     x.send(DataPlaneCommand::PeerUp {
@@ -228,7 +231,7 @@ fn pair(encrypted: bool) -> (Router, Router) {
     let b = Router::start(ns_b, NAME_B, "10.35.1.2/24");
     a.send(DataPlaneCommand::Routes(routes(NAME_A, NAME_B)));
     b.send(DataPlaneCommand::Routes(routes(NAME_B, NAME_A)));
-    connect(&a, &b, "192.0.2.2:6783", encrypted);
+    connect((&a, "192.0.2.1:6783"), (&b, "192.0.2.2:6783"), encrypted);
     // PMTU discovery over the 1500-byte veth (probing from 65535 down: the kernel's EMSGSIZE
     // gives the path MTU): 1472-byte UDP payloads, so 1416 plain / 1400 encrypted.
     let expected = if encrypted { 1400 } else { 1416 };
@@ -288,8 +291,8 @@ fn relay_through_a_middle_router() {
         &[(name_m, name_m), (NAME_A, name_m)],
         &[(NAME_B, &[name_m]), (name_m, &[]), (NAME_A, &[])],
     ));
-    connect(&a, &m, "192.0.2.3:6783", true);
-    connect(&b, &m, "198.51.100.3:6783", false);
+    connect((&a, "192.0.2.1:6783"), (&m, "192.0.2.3:6783"), true);
+    connect((&b, "198.51.100.2:6783"), (&m, "198.51.100.3:6783"), false);
     // A's ARP broadcast is flooded by M to B; B's reply and the echo are relayed by M.
     assert!(ping(&a.container, &[]), "ping A → B through M");
     assert!(
@@ -386,7 +389,7 @@ fn plaintext_ping_large_frames_and_garbage() {
         assert!(!peer.encrypted);
         assert_eq!(peer.remote, Some("192.0.2.2:6783".parse().expect("addr")));
     }
-    // B learnt A's address from its heartbeat.
+    // B was given A's address (plaintext: the only check on who sends).
     assert_eq!(
         b.status.borrow().peers.get(&NAME_A).and_then(|p| p.remote),
         Some("192.0.2.1:6783".parse().expect("addr"))
@@ -414,14 +417,15 @@ fn plaintext_ping_large_frames_and_garbage() {
             s.send_to(junk, to).expect("send garbage");
         }
         // A well-formed header from a peer B has no forwarder for.
-        let mut unknown = vec![1u8, 0, 0, 0];
+        let mut unknown = vec![VERSION, 0, 0, 0];
         unknown.extend_from_slice(&[0x0c, 0, 0, 0, 0, 3]);
         unknown.extend_from_slice(&NAME_B.to_bytes());
         unknown.extend_from_slice(&[0; 12]);
         unknown.extend_from_slice(&[0; 20]);
         s.send_to(&unknown, to).expect("send unknown sender");
-        // Well-formed, from A, with a bad frame record (length overruns).
-        let mut bad = vec![1u8, 0, 0, 0];
+        // Well-formed, naming A, with a bad frame record, but not from A's address (this
+        // socket's port is not 6783): plaintext, so dropped as from the wrong address.
+        let mut bad = vec![VERSION, 0, 0, 0];
         bad.extend_from_slice(&NAME_A.to_bytes());
         bad.extend_from_slice(&NAME_B.to_bytes());
         bad.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
@@ -434,12 +438,12 @@ fn plaintext_ping_large_frames_and_garbage() {
         d.bad_header_total() >= before.bad_header_total() + 4
             && d.unknown_sender > before.unknown_sender
     });
-    eventually("the bad frame record to be counted", || {
+    eventually("the datagram from the wrong address to be counted", || {
         b.status
             .borrow()
             .peers
             .get(&NAME_A)
-            .is_some_and(|p| p.drops.total() > 0)
+            .is_some_and(|p| p.drops.get(DropReason::WrongAddress) > 0)
     });
     // Still working.
     assert!(ping(&a.container, &[]), "ping after garbage");
