@@ -75,7 +75,7 @@ fn iperf_udp(c: &Cluster) -> Result<(u64, u64)> {
     let out = eventually("an iperf3 UDP run from h1 to h2", patience(), || {
         h1.cmd("iperf3")
             .args([
-                "-c", H2_IP, "-u", "-b", RATE, "-l", "1200", "-t", &t, "--json",
+                "-c", H2_IP, "-u", "-b", RATE, "-l", "1200", "-w", "4M", "-t", &t, "--json",
             ])
             .timeout(Duration::from_secs(u64::from(SECONDS) + 30))
             .run()?
