@@ -133,15 +133,18 @@ fn rekeying_under_udp_load_loses_nothing_more() -> Result<()> {
             i + 1
         );
     }
-    let base_rate = base_lost as f64 / base_packets as f64;
-    let rate = lost as f64 / packets as f64;
-    // Tolerance: 0.1% of the datagrams (scheduling noise on a shared machine).
+    // No datagram may be refused for its key epoch: the direct evidence of a lossy switch (the
+    // old code, sending on a new epoch before the peer had it: 7 such drops, 7 lost here).
     ensure!(
-        rate <= base_rate + 0.001,
-        "rekeying lost more: {lost}/{packets} ({:.3}%) vs {base_lost}/{base_packets} ({:.3}%) \
-         without; key drops {drops:?}",
-        rate * 100.0,
-        base_rate * 100.0
+        drops == [0, 0],
+        "datagrams dropped for their key epoch: {drops:?}"
+    );
+    // Tolerance: 2 datagrams plus 0.005% (scheduling noise on a shared machine).
+    let tolerance = 2 + packets / 20_000;
+    ensure!(
+        lost <= base_lost + tolerance,
+        "rekeying lost more: {lost}/{packets} vs {base_lost}/{base_packets} without \
+         (tolerance {tolerance})"
     );
     Ok(())
 }

@@ -261,7 +261,8 @@ impl<A: Clone + PartialEq> Forwarder<A> {
         self.keys.as_ref().map(KeyRing::stats).unwrap_or_default()
     }
 
-    /// Datagrams dropped because of their key epoch (too old or not known yet).
+    /// Datagrams dropped because of their key epoch (too old or not known yet), but for
+    /// `KeyReady` sent before we had its epoch.
     pub fn key_drops(&self) -> u64 {
         self.drops.get(DropReason::StaleEpoch) + self.drops.get(DropReason::UnknownEpoch)
     }
@@ -450,7 +451,13 @@ impl<A: Clone + PartialEq> Forwarder<A> {
             return Err(DropReason::WrongAddress);
         }
         let body: &'a mut [u8] = match &mut self.keys {
-            Some(keys) => keys.open(now, header.epoch, header.counter, datagram, HEADER_LEN)?,
+            Some(keys) => keys
+                .open(now, header.epoch, header.counter, datagram, HEADER_LEN)
+                .map_err(|e| match (e, header.kind) {
+                    // The peer got the keys first; not a data loss, so not a key drop.
+                    (DropReason::UnknownEpoch, MessageType::KeyReady) => DropReason::EarlyKeyReady,
+                    (e, _) => e,
+                })?,
             None => datagram.get_mut(HEADER_LEN..).ok_or(DropReason::TooShort)?,
         };
         let body: &'a [u8] = body;

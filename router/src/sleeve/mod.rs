@@ -69,11 +69,13 @@ pub enum DropReason {
     UnexpectedAck,
     #[error("plaintext datagram from another address than the connection's")]
     WrongAddress,
+    #[error("KeyReady on an epoch we do not hold yet (harmless: it is retried)")]
+    EarlyKeyReady,
 }
 
 impl DropReason {
     /// Every variant, in declaration order (index = `self as usize`).
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::TooShort,
         DropReason::BadVersion,
         DropReason::UnknownType,
@@ -95,6 +97,7 @@ impl DropReason {
         DropReason::Closed,
         DropReason::UnexpectedAck,
         DropReason::WrongAddress,
+        DropReason::EarlyKeyReady,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -122,6 +125,7 @@ impl DropReason {
             DropReason::Closed => "closed",
             DropReason::UnexpectedAck => "unexpected_ack",
             DropReason::WrongAddress => "wrong_address",
+            DropReason::EarlyKeyReady => "early_key_ready",
         }
     }
 }
