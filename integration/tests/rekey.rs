@@ -51,13 +51,15 @@ struct Pair<'a> {
 }
 
 impl Pair<'_> {
-    /// `weave launch --password` on both hosts (the client peering with the server), with
-    /// `rekey` seconds as the rekey period when given; each host's own address on weave.
+    /// `weave launch --password` on both hosts, the server dialling the client, with `rekey`
+    /// seconds as the rekey period when given; each host's own address on weave. The client
+    /// (the sender) is thus the listener, which gets each new epoch's keys first: the side that
+    /// loses traffic if it sends on an epoch before its peer has it.
     fn launch(&self) -> Result<()> {
-        let server_addr = addr(self.server)?;
+        let client_addr = addr(self.client)?;
         for (h, peer) in [
-            (self.server, None),
-            (self.client, Some(server_addr.as_str())),
+            (self.client, None),
+            (self.server, Some(client_addr.as_str())),
         ] {
             let mut cmd = h
                 .weave_cmd()
@@ -68,8 +70,8 @@ impl Pair<'_> {
             }
             cmd.run()?.ok()?;
         }
-        wait_established(self.server, &addr(self.client)?)?;
-        wait_established(self.client, &server_addr)?;
+        wait_established(self.server, &client_addr)?;
+        wait_established(self.client, &addr(self.server)?)?;
         for (h, ip) in [(self.client, self.client_ip), (self.server, self.server_ip)] {
             h.weave(["expose", &format!("{ip}/24")])?.ok()?;
         }
@@ -200,7 +202,7 @@ fn rekeying_under_udp_load_loses_nothing_more() -> Result<()> {
             );
         }
         // No datagram may be refused for its key epoch: the direct evidence of a lossy switch
-        // (the old code, sending on a new epoch before the peer had it: 7 drops, 7 lost here).
+        // (the old code, sending on a new epoch before the peer had it: 13 drops, 13 lost here).
         ensure!(
             run.key_drops == [0, 0],
             "datagrams dropped for their key epoch: {run:?}"
