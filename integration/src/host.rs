@@ -118,6 +118,30 @@ impl DockerClient {
             .collect()
     }
 
+    /// The clients a "with every docker client" test runs, printed for the run's output. With
+    /// `CI=true` fewer than two is an error: a missing 28.x CLI must not drop out silently.
+    pub fn every(test: &str) -> Result<Vec<DockerClient>> {
+        let clients = DockerClient::available();
+        let names: Vec<String> = clients
+            .iter()
+            .map(|c| format!("{} ({})", c.label(), c.path().display()))
+            .collect();
+        eprintln!("{test}: docker clients exercised: {}", names.join(", "));
+        let missing: Vec<String> = DockerClient::ALL
+            .into_iter()
+            .filter(|c| !clients.contains(c))
+            .map(|c| c.path().display().to_string())
+            .collect();
+        if clients.is_empty() || (in_ci() && clients.len() < 2) {
+            bail!(
+                "{test}: {} docker client(s) to exercise, missing {}; CI needs both",
+                clients.len(),
+                missing.join(", ")
+            );
+        }
+        Ok(clients)
+    }
+
     /// The client the harness itself uses: the first available one.
     pub fn primary() -> Result<DockerClient> {
         DockerClient::available()
@@ -654,4 +678,10 @@ pub fn docker_ping(socket: &Path) -> Result<()> {
     } else {
         Err(anyhow!("unexpected /_ping reply: {reply:?}"))
     }
+}
+
+/// Whether this is a CI run (`CI=true`, as CI services set it), where every client and tool
+/// the tests can use must be there.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
 }
