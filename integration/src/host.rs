@@ -132,7 +132,7 @@ impl DockerClient {
             .filter(|c| !clients.contains(c))
             .map(|c| c.path().display().to_string())
             .collect();
-        if clients.is_empty() || (in_ci() && clients.len() < 2) {
+        if !enough_clients(clients.len(), in_ci()) {
             bail!(
                 "{test}: {} docker client(s) to exercise, missing {}; CI needs both",
                 clients.len(),
@@ -684,4 +684,22 @@ pub fn docker_ping(socket: &Path) -> Result<()> {
 /// the tests can use must be there.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+/// At least one client to run, and under CI both: CI must exercise the old and the new CLI.
+fn enough_clients(count: usize, ci: bool) -> bool {
+    count >= if ci { 2 } else { 1 }
+}
+
+#[cfg(test)]
+mod client_tests {
+    use super::enough_clients;
+
+    #[test]
+    fn ci_needs_two_clients() {
+        assert!(!enough_clients(0, false));
+        assert!(enough_clients(1, false));
+        assert!(!enough_clients(1, true));
+        assert!(enough_clients(2, true));
+    }
 }
