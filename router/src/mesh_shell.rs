@@ -1572,6 +1572,43 @@ mod tests {
         assert!(wait.is_zero());
     }
 
+    #[test]
+    fn gossip_cap_spares_topology_only() {
+        let remote = PeerName::from_u64(2);
+        let gossip = |channel: &str, len: usize| Message::Gossip {
+            channel: channel.into(),
+            src: remote,
+            payload: vec![0; len],
+        };
+        assert!(within_gossip_cap(gossip("IPallocation", MAX_GOSSIP_PAYLOAD), remote).is_some());
+        assert!(
+            within_gossip_cap(gossip("IPallocation", MAX_GOSSIP_PAYLOAD + 1), remote).is_none()
+        );
+        assert!(within_gossip_cap(gossip(TOPOLOGY_CHANNEL, 4 << 20), remote).is_some());
+        let unicast = Message::GossipUnicast {
+            channel: "nameserver".into(),
+            src: remote,
+            dst: PeerName::from_u64(1),
+            payload: vec![0; MAX_GOSSIP_PAYLOAD + 1],
+        };
+        assert!(within_gossip_cap(unicast, remote).is_none());
+        let broadcast = Message::GossipBroadcast {
+            channel: "nameserver".into(),
+            src: remote,
+            payload: vec![0; MAX_GOSSIP_PAYLOAD + 1],
+        };
+        assert!(within_gossip_cap(broadcast, remote).is_none());
+        let overlay = Message::OverlayControl {
+            index: 0,
+            body: vec![0; MAX_GOSSIP_PAYLOAD + 1],
+        };
+        assert!(within_gossip_cap(overlay, remote).is_some());
+        // What a queued message weighs follows its payload.
+        let heavy = ToConn::Send(gossip(TOPOLOGY_CHANNEL, 4 << 20));
+        assert!(heavy.weight() > 4 << 20);
+        assert!(ToConn::Send(Message::Heartbeat).weight() < 1024);
+    }
+
     /// A connection task that panics still tells the mesh its connection is gone.
     #[tokio::test]
     async fn panicking_connection_task_reports_its_end() {
