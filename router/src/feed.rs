@@ -312,6 +312,25 @@ mod tests {
         );
     }
 
+    /// A data plane that cannot start reports why through its thread's result (a part failure),
+    /// without taking the caller down.
+    #[tokio::test]
+    async fn data_plane_thread_reports_its_end() {
+        let mut config =
+            DataPlaneConfig::new(PeerName::from_u64(1), "127.0.0.1:0".parse().expect("addr"));
+        config.capture_iface = "wvnosuchif0".to_string();
+        let (_tx, rx) = mpsc::channel(1);
+        let (status, _status_rx) = watch::channel(DataPlaneStatus::default());
+        let (_stop, stop_rx) = oneshot::channel();
+        let done = spawn_data_plane(config, rx, status, stop_rx).expect("thread");
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), done)
+            .await
+            .expect("it ends")
+            .expect("it says how");
+        let why = ended.expect_err("no capture interface: an error");
+        assert!(why.contains("wvnosuchif0"), "{why}");
+    }
+
     /// A data plane that takes commands slowly sees the latest view, not every step.
     #[tokio::test]
     async fn slow_data_plane_gets_the_latest() {

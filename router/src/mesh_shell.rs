@@ -808,6 +808,11 @@ async fn connection(
     {
         return;
     }
+    let mut closing = CloseGuard {
+        id,
+        remote: remote.name,
+        to_mesh: Some(ctx.to_mesh.clone()),
+    };
     match reply_rx.await {
         Ok(Ok(())) => tracing::info!("{who}: connection added"),
         Ok(Err(reason)) => {
@@ -821,6 +826,7 @@ async fn connection(
         Some(e) => tracing::warn!("{who}: connection shutting down due to error: {e}"),
         None => tracing::info!("{who}: connection closed"),
     }
+    closing.to_mesh = None;
     let _ = ctx
         .to_mesh
         .send(ToMesh::Closed {
@@ -829,6 +835,36 @@ async fn connection(
             error,
         })
         .await;
+}
+
+/// Tells the mesh task that a registered connection is gone should its task end any other way
+/// than through its last line (a panic, or an early return): otherwise the mesh would keep a
+/// dead connection, a black hole for that peer, until the peer's heartbeats time out.
+struct CloseGuard {
+    id: u64,
+    remote: PeerName,
+    /// `None` once the task reports its end itself.
+    to_mesh: Option<queue::Sender<ToMesh>>,
+}
+
+impl Drop for CloseGuard {
+    fn drop(&mut self) {
+        let Some(to_mesh) = self.to_mesh.take() else {
+            return;
+        };
+        let why = if std::thread::panicking() {
+            "connection task panicked"
+        } else {
+            "connection task ended"
+        };
+        // Cannot await here; the queue bound only refuses under a flood of messages, and then
+        // the heartbeat timeout still removes the connection.
+        let _ = to_mesh.try_send(ToMesh::Closed {
+            id: self.id,
+            remote: self.remote,
+            error: Some(why.to_string()),
+        });
+    }
 }
 
 /// The established connection's loop; returns the error that ended it (`None`: closed by us).
@@ -1534,6 +1570,80 @@ mod tests {
         let later = start + ACCEPT_INTERVAL * 30;
         let (_, wait) = pace(next, later, ACCEPT_INTERVAL, ACCEPT_BURST);
         assert!(wait.is_zero());
+    }
+
+    #[test]
+    fn gossip_cap_spares_topology_only() {
+        let remote = PeerName::from_u64(2);
+        let gossip = |channel: &str, len: usize| Message::Gossip {
+            channel: channel.into(),
+            src: remote,
+            payload: vec![0; len],
+        };
+        assert!(within_gossip_cap(gossip("IPallocation", MAX_GOSSIP_PAYLOAD), remote).is_some());
+        assert!(
+            within_gossip_cap(gossip("IPallocation", MAX_GOSSIP_PAYLOAD + 1), remote).is_none()
+        );
+        assert!(within_gossip_cap(gossip(TOPOLOGY_CHANNEL, 4 << 20), remote).is_some());
+        let unicast = Message::GossipUnicast {
+            channel: "nameserver".into(),
+            src: remote,
+            dst: PeerName::from_u64(1),
+            payload: vec![0; MAX_GOSSIP_PAYLOAD + 1],
+        };
+        assert!(within_gossip_cap(unicast, remote).is_none());
+        let broadcast = Message::GossipBroadcast {
+            channel: "nameserver".into(),
+            src: remote,
+            payload: vec![0; MAX_GOSSIP_PAYLOAD + 1],
+        };
+        assert!(within_gossip_cap(broadcast, remote).is_none());
+        let overlay = Message::OverlayControl {
+            index: 0,
+            body: vec![0; MAX_GOSSIP_PAYLOAD + 1],
+        };
+        assert!(within_gossip_cap(overlay, remote).is_some());
+        // What a queued message weighs follows its payload.
+        let heavy = ToConn::Send(gossip(TOPOLOGY_CHANNEL, 4 << 20));
+        assert!(heavy.weight() > 4 << 20);
+        assert!(ToConn::Send(Message::Heartbeat).weight() < 1024);
+    }
+
+    /// A connection task that panics still tells the mesh its connection is gone.
+    #[tokio::test]
+    async fn panicking_connection_task_reports_its_end() {
+        let (tx, mut rx) = queue::channel::<ToMesh>(4, 1 << 16);
+        let remote = PeerName::from_u64(9);
+        let task = tokio::spawn(async move {
+            let _guard = CloseGuard {
+                id: 3,
+                remote,
+                to_mesh: Some(tx),
+            };
+            let n = "x".len();
+            assert_eq!(n, 2, "a bug in the connection task");
+        });
+        assert!(task.await.is_err_and(|e| e.is_panic()));
+        match rx.recv().await {
+            Some(ToMesh::Closed {
+                id: 3,
+                remote: r,
+                error: Some(why),
+            }) => {
+                assert_eq!(r, remote);
+                assert_eq!(why, "connection task panicked");
+            }
+            _ => panic!("expected Closed"),
+        }
+        // A disarmed guard says nothing (the task reported its end itself).
+        let (tx, mut rx) = queue::channel::<ToMesh>(4, 1 << 16);
+        drop(CloseGuard {
+            id: 4,
+            remote,
+            to_mesh: None,
+        });
+        drop(tx);
+        assert!(rx.recv().await.is_none());
     }
 
     fn live(udp_encrypted: bool) -> Live {
