@@ -21,7 +21,9 @@ pub mod endpoint;
 pub mod error;
 mod events;
 mod forward;
-mod head;
+/// Public only for the fuzz targets in proxy/fuzz.
+#[doc(hidden)]
+pub mod head;
 mod hijack;
 mod intercept;
 mod prefixed;
