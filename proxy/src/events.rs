@@ -206,7 +206,7 @@ async fn current_pid(proxy: &Proxy, id: &str) -> i32 {
 /// SIGKILL to a container's init process, seen from the host PID namespace, and to no other
 /// process that got its PID since: the process is pinned with a pidfd first, and signalled
 /// through it only if dockerd still names that PID as the container's afterwards.
-async fn kill_container_process(proxy: &Proxy, id: &str, pid: i32) {
+pub(crate) async fn kill_container_process(proxy: &Proxy, id: &str, pid: i32) {
     if pid <= 1 {
         return;
     }

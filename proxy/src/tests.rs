@@ -1207,3 +1207,43 @@ async fn a_client_leaving_a_stream_releases_dockerds_connection() {
     assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_kill_after_a_failed_attach_spares_a_process_that_is_no_longer_the_containers() {
+    let mut victim = tokio::process::Command::new("sleep")
+        .arg("60")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn sleep");
+    let pid = i32::try_from(victim.id().expect("pid")).expect("pid fits");
+    let docker = Arc::new(FakeDocker::default());
+    let proxy = crate::proxy::Proxy {
+        upstream: Upstream::Unix(PathBuf::from("/nonexistent/docker.sock")),
+        docker: docker.clone(),
+        network: Arc::new(FakeNetwork::default()),
+        create: create_options(),
+        attach: crate::attach::AttachOptions::default(),
+        rewrite_inspect: false,
+        starts: crate::proxy::StartTracker::default(),
+        attach_timeout: PATIENCE,
+    };
+    // The container has moved on (another process, or none): `pid` is not its process now.
+    for now in [i64::from(pid) + 1, 0] {
+        docker.add_container(woven_container("c0ffee", now));
+        crate::events::kill_container_process(&proxy, "c0ffee", pid).await;
+        assert!(
+            victim.try_wait().expect("try_wait").is_none(),
+            "killed a process that is no longer the container's (container pid {now})"
+        );
+    }
+    // Control: while it is the container's process, it is killed.
+    docker.add_container(woven_container("c0ffee", i64::from(pid)));
+    crate::events::kill_container_process(&proxy, "c0ffee", pid).await;
+    let status = within("the process to be killed", victim.wait())
+        .await
+        .expect("wait");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9));
+    // Reaped: its PID may be anyone's now; the kill opens no pidfd and signals nobody.
+    crate::events::kill_container_process(&proxy, "c0ffee", pid).await;
+}
