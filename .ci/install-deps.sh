@@ -12,6 +12,7 @@ PACKAGES=(
   nftables                         # e2e: drop IP fragments at a device's ingress
   iputils-ping ethtool tcpdump iperf3
   curl                             # e2e: raw API requests over TCP and unix sockets
+  python3-docker                   # e2e: docker-py, an outside client, through the proxy
   libpcap-dev pkg-config           # the router captures with libpcap
   libc6-dev                        # libc.a: weavewait (/w/w) is linked statically
   bsdutils                         # `script`: a pty for the `docker run -it` test

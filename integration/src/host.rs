@@ -118,6 +118,30 @@ impl DockerClient {
             .collect()
     }
 
+    /// The clients a "with every docker client" test runs, printed for the run's output. With
+    /// `CI=true` fewer than two is an error: a missing 28.x CLI must not drop out silently.
+    pub fn every(test: &str) -> Result<Vec<DockerClient>> {
+        let clients = DockerClient::available();
+        let names: Vec<String> = clients
+            .iter()
+            .map(|c| format!("{} ({})", c.label(), c.path().display()))
+            .collect();
+        eprintln!("{test}: docker clients exercised: {}", names.join(", "));
+        let missing: Vec<String> = DockerClient::ALL
+            .into_iter()
+            .filter(|c| !clients.contains(c))
+            .map(|c| c.path().display().to_string())
+            .collect();
+        if !enough_clients(clients.len(), in_ci()) {
+            bail!(
+                "{test}: {} docker client(s) to exercise, missing {}; CI needs both",
+                clients.len(),
+                missing.join(", ")
+            );
+        }
+        Ok(clients)
+    }
+
     /// The client the harness itself uses: the first available one.
     pub fn primary() -> Result<DockerClient> {
         DockerClient::available()
@@ -653,5 +677,29 @@ pub fn docker_ping(socket: &Path) -> Result<()> {
         Ok(())
     } else {
         Err(anyhow!("unexpected /_ping reply: {reply:?}"))
+    }
+}
+
+/// Whether this is a CI run (`CI=true`, as CI services set it), where every client and tool
+/// the tests can use must be there.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+/// At least one client to run, and under CI both: CI must exercise the old and the new CLI.
+fn enough_clients(count: usize, ci: bool) -> bool {
+    count >= if ci { 2 } else { 1 }
+}
+
+#[cfg(test)]
+mod client_tests {
+    use super::enough_clients;
+
+    #[test]
+    fn ci_needs_two_clients() {
+        assert!(!enough_clients(0, false));
+        assert!(enough_clients(1, false));
+        assert!(!enough_clients(1, true));
+        assert!(enough_clients(2, true));
     }
 }

@@ -9,7 +9,8 @@
 //! - [`Cmd`], [`Out`], [`Background`] (`exec.rs`): commands with time-outs, their output, and
 //!   long-running children killed on drop.
 //! - [`eventually`] (`wait.rs`, pure but for the sleep): polling with patience from
-//!   `WEAVE_TEST_PATIENCE_SECS`.
+//!   `WEAVE_TEST_PATIENCE_SECS`; [`never`] for negative checks, which must show their probe
+//!   ran, over a [`quiet_period`] on the same scale.
 //! - `run.rs`: the per-run id and directory, and the sweep of dead runs' leftovers.
 //! - `image.rs`: the busybox image tarball and build contexts.
 //!
@@ -32,11 +33,11 @@ pub mod weave;
 pub use cluster::{underlay_addr, Cluster, Underlay, UNDERLAY_IFACE, UNDERLAY_PREFIX};
 pub use exec::{default_timeout, Background, Cmd, Out};
 pub use host::{
-    docker_ping, weave_bin, DockerClient, Host, Via, DOCKER_SOCKET, PROXY_DOCKER_HOST,
+    docker_ping, in_ci, weave_bin, DockerClient, Host, Via, DOCKER_SOCKET, PROXY_DOCKER_HOST,
     PROXY_SOCKET, WEAVE_BIN_ENV,
 };
 pub use run::{base_dir, sweep, RunDir, TEST_DIR_ENV};
-pub use wait::{eventually, eventually_true, patience, GiveUp, PATIENCE_ENV};
+pub use wait::{eventually, eventually_true, never, patience, quiet_period, GiveUp, PATIENCE_ENV};
 
 /// Parses what `weave env` prints (`export DOCKER_HOST=... ORIG_DOCKER_HOST=...`, maybe over
 /// several lines) into variable assignments, as `eval $(weave env)` would apply them.

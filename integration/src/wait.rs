@@ -75,6 +75,52 @@ pub fn eventually_true(what: &str, within: Duration, mut cond: impl FnMut() -> b
     })
 }
 
+/// How long a negative check watches for something that must not happen: a sixth of the
+/// patience (5 s by default), at least 2 s. Scales with `WEAVE_TEST_PATIENCE_SECS` like every
+/// wait, so a slow machine watches longer instead of passing by looking too early.
+pub fn quiet_period() -> Duration {
+    (patience() / 6).max(Duration::from_secs(2))
+}
+
+/// Watches for `within` that something does not happen. `look` is called again and again
+/// (at least once, with [`eventually`]'s pauses) and says what it saw: `Ok(None)`, it looked
+/// and the thing did not happen; `Ok(Some(evidence))`, it happened; `Err`, it could not look,
+/// which proves nothing and fails the check too. Prints how many looks it took, so a run's
+/// output shows the probe ran; returns that number.
+pub fn never(
+    what: &str,
+    within: Duration,
+    mut look: impl FnMut() -> Result<Option<String>>,
+) -> Result<u32> {
+    let start = Instant::now();
+    let mut pause = FIRST_PAUSE;
+    let mut looks = 0u32;
+    loop {
+        looks += 1;
+        let seen = look().map_err(|e| {
+            e.context(format!(
+                "look {looks} failed; cannot tell whether never: {what}"
+            ))
+        })?;
+        if let Some(evidence) = seen {
+            return Err(anyhow!(
+                "it happened after {:.1}s (look {looks}), but never: {what}\n{evidence}",
+                start.elapsed().as_secs_f64()
+            ));
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= within {
+            eprintln!(
+                "never: {what}: not seen in {looks} looks over {:.1}s",
+                elapsed.as_secs_f64()
+            );
+            return Ok(looks);
+        }
+        std::thread::sleep(pause.min(within - elapsed));
+        pause = (pause * 2).min(MAX_PAUSE);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +171,37 @@ mod tests {
         let text = format!("{err:#}");
         assert!(text.contains("for: the moon to turn blue"), "{text}");
         assert!(text.contains("condition still false"), "{text}");
+    }
+
+    #[test]
+    fn never_looks_until_the_period_ends() {
+        let mut calls = 0;
+        let looks = never("rain", Duration::from_millis(100), || {
+            calls += 1;
+            Ok(None)
+        });
+        assert_eq!(looks.ok(), Some(calls));
+        assert!(calls >= 2, "{calls}");
+    }
+
+    #[test]
+    fn never_fails_when_it_happens_or_cannot_look() {
+        let mut calls = 0;
+        let err = never("rain", Duration::from_secs(30), || {
+            calls += 1;
+            Ok((calls == 2).then(|| "wet".to_string()))
+        })
+        .expect_err("it rained");
+        assert_eq!(calls, 2);
+        assert!(format!("{err:#}").contains("wet"), "{err:#}");
+        let err = never("rain", Duration::from_secs(30), || {
+            Err(anyhow!("no window"))
+        })
+        .expect_err("could not look");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("no window") && text.contains("cannot tell"),
+            "{text}"
+        );
     }
 }

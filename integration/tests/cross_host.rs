@@ -14,13 +14,13 @@
 //!
 //! Container names have two characters at least: dockerd refuses shorter ones.
 
-use std::time::Duration;
-
 use anyhow::{bail, ensure, Context, Result};
 use weave_integration::weave::{
     launch, launch_pair_with, peer_name, status, underlay as addr, unicast_via, wait_established,
 };
-use weave_integration::{eventually, patience, Background, Cluster, Host, Out, UNDERLAY_IFACE};
+use weave_integration::{
+    eventually, never, patience, quiet_period, Background, Cluster, Host, Out, UNDERLAY_IFACE,
+};
 
 const SLEEPER: [&str; 3] = ["busybox", "sleep", "100000"];
 
@@ -53,16 +53,25 @@ fn wait_ping(h: &Host, from: &str, target: &str) -> Result<()> {
     Ok(())
 }
 
-/// `from` on `h` must get no ping answer from `target`, for several seconds in a row.
+/// `from` on `h` must get no ping answer from `target` for the quiet period: each look is a
+/// ping that must have been sent (busybox's summary line) and got nothing back.
 fn never_pings(h: &Host, from: &str, target: &str, why: &str) -> Result<()> {
-    for attempt in 0..4 {
-        let out = h.docker(["exec", from, "ping", "-c2", "-W1", target])?;
-        ensure!(
-            !out.success(),
-            "{from} on {} must not reach {target} ({why}), attempt {attempt}:\n{out}",
-            h.name()
-        );
-    }
+    never(
+        &format!("{from} on {} reaches {target} ({why})", h.name()),
+        quiet_period(),
+        || {
+            let out = h.docker(["exec", from, "ping", "-c1", "-W1", target])?;
+            if out.success() {
+                return Ok(Some(out.to_string()));
+            }
+            ensure!(
+                out.stdout
+                    .contains("1 packets transmitted, 0 packets received"),
+                "the ping did not run:\n{out}"
+            );
+            Ok(None)
+        },
+    )?;
     Ok(())
 }
 
@@ -228,8 +237,25 @@ fn capture_across(launch_args: &[&str]) -> Result<Vec<u8>> {
             4433,
             TCP_MARKER,
         )?;
-        // Let the last packets reach the file.
-        std::thread::sleep(Duration::from_secs(1));
+        // The capture must hold the containers' traffic (in sleeve datagrams), or finding
+        // nothing in it proves nothing: 3 pings and their answers, and a TCP exchange. Waiting
+        // for them also lets the last packets reach the file.
+        eventually("the traffic across in h1's capture", patience(), || {
+            let sleeve = h1
+                .cmd("tcpdump")
+                .args(["-n", "-r"])
+                .arg(&file)
+                .args(["udp", "port", "6783"])
+                .ok()?;
+            let datagrams = sleeve.stdout.lines().count();
+            ensure!(
+                datagrams >= 12,
+                "{datagrams} sleeve datagrams in the capture; tcpdump: {}\n{}",
+                tcpdump.stderr(),
+                sleeve.stdout
+            );
+            Ok(())
+        })?;
         let (_, stderr) = tcpdump.stop();
         captured = std::fs::read(&file)
             .with_context(|| format!("reading the capture {}: {stderr}", file.display()))?;
@@ -237,21 +263,6 @@ fn capture_across(launch_args: &[&str]) -> Result<Vec<u8>> {
             "captured {} bytes on h1's underlay ({})",
             captured.len(),
             stderr.trim()
-        );
-        // The capture must hold the containers' traffic (in sleeve datagrams), or finding
-        // nothing in it proves nothing: 3 pings and their answers, and a TCP exchange.
-        let sleeve = h1
-            .cmd("tcpdump")
-            .args(["-n", "-r"])
-            .arg(&file)
-            .args(["udp", "port", "6783"])
-            .ok()?;
-        let datagrams = sleeve.stdout.lines().count();
-        ensure!(
-            datagrams >= 12,
-            "the capture must hold the traffic across: {datagrams} sleeve datagrams; tcpdump: \
-             {stderr}\n{}",
-            sleeve.stdout
         );
         Ok(())
     })?;

@@ -26,7 +26,7 @@ fn process_exists(pid: u32) -> bool {
 fn host_runs_busybox_with_every_docker_client() -> Result<()> {
     let h = Host::new()?;
     h.scenario(|h| {
-        for client in DockerClient::available() {
+        for client in DockerClient::every("host_runs_busybox_with_every_docker_client")? {
             let out = h
                 .docker_with(client, ["run", "--rm", "busybox", "echo", "hello"])?
                 .ok()?;

@@ -5,15 +5,13 @@
 //! Container traffic crosses hosts over the sleeve (UDP 6783, encrypted with the password):
 //! plain `docker run` through each host's proxy, as a user would.
 
-use std::time::Duration;
-
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use weave_integration::weave::{
     launch, launch_pair, launch_pair_with, peer_name, report, status, underlay as addr,
     wait_established,
 };
-use weave_integration::{eventually, patience, Cluster, GiveUp, Host};
+use weave_integration::{eventually, never, patience, quiet_period, Cluster, GiveUp, Host};
 
 /// `weave status`.
 fn summary(h: &Host) -> Result<String> {
@@ -155,13 +153,24 @@ fn wrong_password_is_refused_with_its_reason() -> Result<()> {
             line.contains("failed") || line.contains("retrying"),
             "{line}"
         );
-        // A few more attempts never get through.
-        std::thread::sleep(Duration::from_secs(3));
-        for (h, other) in [(h1, &a2), (h2, &a1)] {
-            if let Some(line) = connection_to(h, other)? {
-                ensure!(!line.contains("established"), "must not connect: {line}");
-            }
-        }
+        // A few more attempts never get through. Each look must see h2 still trying (its
+        // line for h1), or it would prove nothing.
+        never(
+            "a connection between h1 and h2 despite the wrong password",
+            quiet_period(),
+            || {
+                let trying = connection_to(h2, &a1)?.context("h2 no longer lists h1")?;
+                for line in [Some(trying), connection_to(h1, &a2)?]
+                    .into_iter()
+                    .flatten()
+                {
+                    if line.contains("established") {
+                        return Ok(Some(line));
+                    }
+                }
+                Ok(None)
+            },
+        )?;
         let logs = h1.docker(["logs", "weave"])?.ok()?.combined();
         ensure!(
             logs.contains("password mismatch"),
@@ -431,18 +440,26 @@ fn no_discovery_dials_only_the_peers_given() -> Result<()> {
                 Ok(())
             })?;
         }
-        // Discovery would have dialled by now (it acts on the first topology update).
-        std::thread::sleep(Duration::from_secs(5));
-        ensure!(
-            connection_to(h3, &a1)?.is_none(),
-            "h3 must not connect to h1: {}",
-            status(h3, "connections")?
-        );
-        ensure!(
-            connection_to(h1, &a3)?.is_none(),
-            "h1 must not connect to h3: {}",
-            status(h1, "connections")?
-        );
+        // Discovery would dial at once (it acts on the first topology update). Each look
+        // must see the connections that are there (h3 to h2), or it would prove nothing.
+        never(
+            "h1 and h3 connecting without discovery",
+            quiet_period(),
+            || {
+                let h3_conns = status(h3, "connections")?;
+                ensure!(
+                    h3_conns.contains(&format!(" {a2}:")),
+                    "h3's connections do not list h2:\n{h3_conns}"
+                );
+                if connection_to(h3, &a1)?.is_some() {
+                    return Ok(Some(format!("h3 -> h1:\n{h3_conns}")));
+                }
+                if connection_to(h1, &a3)?.is_some() {
+                    return Ok(Some(format!("h1 -> h3:\n{}", status(h1, "connections")?)));
+                }
+                Ok(None)
+            },
+        )?;
         for h in [h1, h2, h3] {
             let summary = summary(h)?;
             ensure!(
@@ -578,16 +595,25 @@ fn connections_stay_pending_while_udp_is_blocked() -> Result<()> {
                 Ok(())
             },
         )?;
-        std::thread::sleep(Duration::from_secs(3));
-        for (h, ip) in [(h1, &a2), (h2, &a1)] {
-            let text = status(h, "connections")?;
-            ensure!(
-                !text.contains("established"),
-                "{} must not count a connection without UDP as established:\n{text}",
-                h.name()
-            );
-            ensure!(text.contains(ip.as_str()), "{}: {text}", h.name());
-        }
+        // Each look must see the connection listed (the probe ran), never established.
+        never(
+            "a connection without UDP counted as established",
+            quiet_period(),
+            || {
+                for (h, ip) in [(h1, &a2), (h2, &a1)] {
+                    let text = status(h, "connections")?;
+                    ensure!(
+                        text.contains(ip.as_str()),
+                        "{} lists no {ip}: {text}",
+                        h.name()
+                    );
+                    if text.contains("established") {
+                        return Ok(Some(format!("{}:\n{text}", h.name())));
+                    }
+                }
+                Ok(None)
+            },
+        )?;
         for h in [h1, h2] {
             h.run("iptables", ["-D"].iter().chain(&block))?.ok()?;
         }

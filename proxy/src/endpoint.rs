@@ -1,4 +1,10 @@
 //! Which Docker API endpoint a request is for (pure, spec §1.5): the proxy intercepts only a few.
+//!
+//! Paths are matched percent-decoded, as dockerd routes them (Go's `URL.Path`, which
+//! gorilla/mux matches): `/containers/%63reate` creates a container there, so it is a create
+//! here too, or it would slip past the rewrite.
+
+use std::borrow::Cow;
 
 use http::Method;
 
@@ -24,10 +30,12 @@ pub enum Endpoint {
     Other,
 }
 
-/// Classifies a request by method and URL path (no query). An optional `/v<digits and dots>`
-/// prefix is ignored, `{id}` is one non-empty path segment, and the whole path must match.
+/// Classifies a request by method and URL path (no query), percent-decoded first. An optional
+/// `/v<digits and dots>` prefix is ignored, `{id}` is one non-empty path segment, and the
+/// whole path must match.
 pub fn classify(method: &Method, path: &str) -> Endpoint {
-    let path = strip_version(path);
+    let decoded = percent_decode(path, false);
+    let path = strip_version(&decoded);
     let Some(rest) = path.strip_prefix('/') else {
         return Endpoint::Other;
     };
@@ -68,6 +76,41 @@ fn strip_version(path: &str) -> &str {
         }
     }
     path
+}
+
+/// Decodes every `%XX` (and, in a query, `+` as a space); a `%` not followed by two hex digits
+/// stays as it is. Bytes that are not UTF-8 become U+FFFD.
+pub(crate) fn percent_decode(s: &str, plus_as_space: bool) -> Cow<'_, str> {
+    let special = s.contains('%') || (plus_as_space && s.contains('+'));
+    if !special {
+        return Cow::Borrowed(s);
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' if plus_as_space => out.push(b' '),
+            b'%' => match bytes.get(i + 1..i + 3).and_then(hex_byte) {
+                Some(byte) => {
+                    out.push(byte);
+                    i += 2;
+                }
+                None => out.push(b'%'),
+            },
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn hex_byte(two: &[u8]) -> Option<u8> {
+    let digit = |b: u8| char::from(b).to_digit(16);
+    match two {
+        [hi, lo] => u8::try_from(digit(*hi)? * 16 + digit(*lo)?).ok(),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -174,9 +217,52 @@ mod tests {
             (&post, "/build", Other),
             (&get, "", Other),
             (&get, "/", Other),
+            // Percent-decoded first, as dockerd's router sees them.
+            (&post, "/v1.41/containers/%63reate", ContainerCreate),
+            (&post, "/containers/%63%72%65%61%74%65", ContainerCreate),
+            (&post, "/%761.41/containers/create", ContainerCreate),
+            (&post, "/containers%2Fcreate", ContainerCreate),
+            (&post, "/v1.41%2Fcontainers/create", ContainerCreate),
+            (
+                &post,
+                "/containers/abc/st%61rt",
+                ContainerStart { id: id("abc") },
+            ),
+            (
+                &post,
+                "/containers/%61bc/start",
+                ContainerStart { id: id("abc") },
+            ),
+            (
+                &post,
+                "/v1.41/containers/c1/%61ttach",
+                ContainerAttach { id: id("c1") },
+            ),
+            (&post, "/exec/e1/st%41rt", Other),
+            (&post, "/containers/a%2Fb/start", Other),
+            (
+                &post,
+                "/containers/%zz/start",
+                ContainerStart { id: id("%zz") },
+            ),
+            (&post, "/containers/create%", Other),
+            (&post, "/containers/create+", Other),
         ];
         for (method, path, want) in cases {
             assert_eq!(classify(method, path), want, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("/a%20b", false), "/a b");
+        assert_eq!(percent_decode("a+b", false), "a+b");
+        assert_eq!(percent_decode("a+b", true), "a b");
+        assert_eq!(percent_decode("%2f%2F", false), "//");
+        assert_eq!(percent_decode("100%", false), "100%");
+        assert_eq!(percent_decode("%4", false), "%4");
+        assert_eq!(percent_decode("%zz%41", false), "%zzA");
+        assert_eq!(percent_decode("%ff", false), "\u{fffd}");
+        assert!(matches!(percent_decode("/plain", false), Cow::Borrowed(_)));
     }
 }

@@ -14,39 +14,23 @@ use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Response, StatusCode};
 
 use crate::attach::AttachFailure;
+use crate::body::{full, BodyError, ProxyBody};
 use crate::docker::DockerError;
-use crate::forward::{full, ProxyBody};
 use crate::rewrite::RewriteError;
+use crate::upstream::UpstreamError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("invalid Docker host {0:?}: expected unix:///path, /path or tcp://host:port")]
-    BadDockerHost(String),
     #[error("cannot listen on {path}: {source}")]
     Listen {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    /// dockerd's socket could not be dialled (spec §1.6.2). The text starts like the Go proxy's
-    /// and goes on like the docker CLI's own message.
-    #[error(
-        "Could not connect to target: Cannot connect to the Docker daemon at {target}. \
-         Is the docker daemon running? ({source})"
-    )]
-    Connect {
-        target: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("Could not make request to target: {0}")]
-    Exchange(#[source] hyper::Error),
-    #[error("request body larger than {0} bytes")]
-    BodyTooLarge(usize),
-    #[error("reading the request body: {0}")]
-    ReadBody(String),
-    #[error("reading Docker's reply: {0}")]
-    ReadReply(String),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Body(#[from] BodyError),
     /// A create or exec body that is not JSON (Go said `EOF` for an empty one, spec §2.5).
     #[error("{0}")]
     BadJson(String),
@@ -66,8 +50,8 @@ impl ProxyError {
         let code = match self {
             ProxyError::Rewrite(e) => e.status(),
             ProxyError::Docker(e) => e.status(),
-            ProxyError::BodyTooLarge(_) => 413,
-            ProxyError::ReadBody(_) => 400,
+            ProxyError::Body(BodyError::TooLarge(_)) => 413,
+            ProxyError::Body(BodyError::ReadRequest(_)) => 400,
             _ => 500,
         };
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
@@ -130,10 +114,10 @@ mod tests {
 
     #[test]
     fn raw_error_is_well_framed() {
-        let err = ProxyError::Connect {
+        let err = ProxyError::from(UpstreamError::Connect {
             target: "unix:///nowhere".into(),
             source: io::ErrorKind::NotFound.into(),
-        };
+        });
         let raw = String::from_utf8(raw_error_response(&err)).expect("utf8");
         let (head, body) = raw.split_once("\r\n\r\n").expect("head");
         assert!(head.starts_with("HTTP/1.1 500 Internal Server Error\r\n"));

@@ -10,8 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
@@ -19,6 +17,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::attach::{attach_container, AttachError, AttachFailure, AttachOutcome};
 use crate::docker::{unix_now, ContainerEvent, EventAction};
 use crate::proxy::Proxy;
+use crate::sys::PidFd;
 
 /// Resubscription delays (spec §5.2).
 const EVENTS_DELAY_FIRST: Duration = Duration::from_secs(1);
@@ -140,7 +139,7 @@ impl Jobs {
                         pid => pid,
                     };
                     warn!(error = %failure, pid, "attach failed; killing the container's process");
-                    kill_process(pid);
+                    kill_container_process(&proxy, &id, pid).await;
                 }
             }
             .instrument(span),
@@ -204,12 +203,36 @@ async fn current_pid(proxy: &Proxy, id: &str) -> i32 {
     }
 }
 
-/// SIGKILL to a container's init process, seen from the host PID namespace.
-fn kill_process(pid: i32) {
+/// SIGKILL to a container's init process, seen from the host PID namespace, and to no other
+/// process that got its PID since: the process is pinned with a pidfd first, and signalled
+/// through it only if dockerd still names that PID as the container's afterwards.
+pub(crate) async fn kill_container_process(proxy: &Proxy, id: &str, pid: i32) {
     if pid <= 1 {
         return;
     }
-    if let Err(e) = kill(Pid::from_raw(pid), Signal::SIGKILL) {
+    let pidfd = match PidFd::open(pid) {
+        Ok(pidfd) => Some(pidfd),
+        // Kernels before 5.3: the re-check below still narrows the window to almost nothing.
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => None,
+        Err(e) => {
+            warn!(pid, error = %e, "cannot kill the container's process: it is gone");
+            return;
+        }
+    };
+    let now = current_pid(proxy, id).await;
+    if now != pid {
+        warn!(pid, now, "the container's process changed; not killing it");
+        return;
+    }
+    let sent = match pidfd {
+        Some(pidfd) => pidfd.send_signal(libc::SIGKILL),
+        None => nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(std::io::Error::from),
+    };
+    if let Err(e) = sent {
         warn!(pid, error = %e, "cannot kill process");
     }
 }

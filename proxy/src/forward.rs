@@ -1,59 +1,11 @@
-//! Bodies and heads on their way through (shell): bodies stream frame by frame unless a
-//! rewrite needs them whole, then they are collected with a cap and re-framed with a fresh
-//! `Content-Length` (spec §1.6.5).
+//! Replies on their way back (shell): Docker's status and headers as they were, with the
+//! connection closed after each reply; and the query parameters the handlers read.
 
-use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::CONNECTION;
 use http::{HeaderMap, HeaderValue, Response};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 
-use crate::error::ProxyError;
-
-/// Request and response bodies in both directions: an `Incoming` streamed as it arrives, or
-/// bytes a rewrite produced.
-pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
-
-/// Largest create/exec/start body or inspect reply we collect in order to rewrite it.
-pub(crate) const MAX_REWRITE_BODY: usize = 16 * 1024 * 1024;
-
-/// A body streamed frame by frame: each chunk of an events or logs stream is written (and
-/// flushed by hyper) as soon as it arrives.
-pub(crate) fn stream(body: Incoming) -> ProxyBody {
-    body.boxed_unsync()
-}
-
-pub(crate) fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-/// Collects a request body we are about to rewrite, at most [`MAX_REWRITE_BODY`] bytes.
-pub(crate) async fn collect_request(body: Incoming) -> Result<Bytes, ProxyError> {
-    match Limited::new(body, MAX_REWRITE_BODY).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ProxyError::BodyTooLarge(MAX_REWRITE_BODY))
-        }
-        Err(e) => Err(ProxyError::ReadBody(e.to_string())),
-    }
-}
-
-/// Collects a reply body from dockerd that we are about to rewrite.
-pub(crate) async fn collect_reply(body: Incoming) -> Result<Bytes, ProxyError> {
-    match Limited::new(body, MAX_REWRITE_BODY).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => Err(ProxyError::ReadReply(e.to_string())),
-    }
-}
-
-/// Frames a body we produced whole: exact `Content-Length`, no chunking.
-pub(crate) fn set_content_length(headers: &mut HeaderMap, len: usize) {
-    headers.remove(TRANSFER_ENCODING);
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
-}
+use crate::body::ProxyBody;
+use crate::endpoint::percent_decode;
 
 /// Docker's reply as the client gets it: status, headers (original case, thanks to the
 /// extensions hyper filled in) and reason phrase as Docker sent them. Every reply closes the
@@ -76,34 +28,8 @@ pub(crate) fn close_after(headers: &mut HeaderMap) {
 pub(crate) fn query_param(query: Option<&str>, key: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k) == key).then(|| percent_decode(v))
+        (percent_decode(k, true) == key).then(|| percent_decode(v, true).into_owned())
     })
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match std::str::from_utf8(&bytes[i + 1..i + 3])
-                    .ok()
-                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                {
-                    Some(byte) => {
-                        out.push(byte);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            byte => out.push(byte),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -132,14 +58,5 @@ mod tests {
             query_param(Some("name=%zz"), "name").as_deref(),
             Some("%zz")
         );
-    }
-
-    #[test]
-    fn content_length_replaces_chunking() {
-        let mut headers = HeaderMap::new();
-        headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        set_content_length(&mut headers, 12);
-        assert!(!headers.contains_key(TRANSFER_ENCODING));
-        assert_eq!(headers[CONTENT_LENGTH], "12");
     }
 }

@@ -12,32 +12,32 @@ use http::Method;
 use crate::endpoint::{classify, Endpoint};
 
 /// Largest request or response head we buffer (X-Registry-Auth/-Config can be large).
-pub(crate) const MAX_HEAD: usize = 256 * 1024;
+pub const MAX_HEAD: usize = 256 * 1024;
 /// More headers than this and we let hyper answer (it allows 100).
 const MAX_HEADERS: usize = 128;
 
 /// One header as it arrived: the name keeps its case, the value its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Header {
-    pub(crate) name: String,
-    pub(crate) value: Vec<u8>,
+pub struct Header {
+    pub name: String,
+    pub value: Vec<u8>,
 }
 
 /// A parsed request head.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct RequestHead {
-    pub(crate) method: String,
+pub struct RequestHead {
+    pub method: String,
     /// The request target as sent (path and query).
-    pub(crate) target: String,
+    pub target: String,
     /// The `y` of `HTTP/1.y`.
-    pub(crate) minor_version: u8,
-    pub(crate) headers: Vec<Header>,
+    pub minor_version: u8,
+    pub headers: Vec<Header>,
     /// How many bytes of the buffer the head took, blank line included.
-    pub(crate) len: usize,
+    pub len: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum HeadParse {
+pub enum HeadParse {
     Complete(RequestHead),
     /// Read more bytes.
     Partial,
@@ -46,7 +46,7 @@ pub(crate) enum HeadParse {
 }
 
 /// Parses the request head at the start of `buf`.
-pub(crate) fn parse_request_head(buf: &[u8]) -> HeadParse {
+pub fn parse_request_head(buf: &[u8]) -> HeadParse {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buf) {
@@ -78,14 +78,14 @@ pub(crate) fn parse_request_head(buf: &[u8]) -> HeadParse {
 
 impl RequestHead {
     /// The path part of the target (no query).
-    pub(crate) fn path(&self) -> &str {
+    pub fn path(&self) -> &str {
         self.target
             .split_once('?')
             .map_or(self.target.as_str(), |(path, _)| path)
     }
 
     /// The first value of this header (case-insensitive name).
-    pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case(name))
@@ -95,7 +95,7 @@ impl RequestHead {
     /// A `POST` to attach or exec start without `Upgrade`: Docker answers `200 OK` and then
     /// takes the connection over, which hyper cannot follow. `logs` is never hijacked, even
     /// though it may carry the same raw-stream content types (spec §1.6 [modern]).
-    pub(crate) fn wants_raw_hijack(&self) -> bool {
+    pub fn wants_raw_hijack(&self) -> bool {
         let Ok(method) = Method::from_bytes(self.method.as_bytes()) else {
             return false;
         };
@@ -112,7 +112,7 @@ impl RequestHead {
     /// server rejects) is blanked (spec §1.7), and `Connection` is replaced by
     /// `Connection: close` so that dockerd closes a reply it does not hijack (an error, say)
     /// instead of keeping a tunnel open that would bypass the proxy for the next request.
-    pub(crate) fn encode_for_upstream(&self) -> Vec<u8> {
+    pub fn encode_for_upstream(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.len + 32);
         out.extend_from_slice(self.method.as_bytes());
         out.push(b' ');
@@ -137,7 +137,7 @@ impl RequestHead {
 }
 
 /// Where a response head ends in `buf` (just past its blank line), accepting bare LFs.
-pub(crate) fn response_head_end(buf: &[u8]) -> Option<usize> {
+pub fn response_head_end(buf: &[u8]) -> Option<usize> {
     let mut at_line_start = false;
     for (i, &byte) in buf.iter().enumerate() {
         match byte {
@@ -151,7 +151,7 @@ pub(crate) fn response_head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// Turns every LF not preceded by CR into CRLF (the Go proxy wrote bare LFs, spec §1.6).
-pub(crate) fn fix_bare_lf(head: &[u8]) -> Vec<u8> {
+pub fn fix_bare_lf(head: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.len() + 8);
     let mut previous = 0u8;
     for &byte in head {

@@ -14,13 +14,11 @@ use tracing::{debug, info, warn, Instrument};
 use weave_api::client::ClientError;
 
 use crate::attach::{attach_container, first_addr, AttachError, AttachFailure};
+use crate::body::{collect_reply, collect_request, full, set_content_length, stream, ProxyBody};
 use crate::endpoint::{classify, Endpoint};
 use crate::error::{error_response, ProxyError};
-use crate::forward::{
-    collect_reply, collect_request, downstream, full, query_param, set_content_length, stream,
-    ProxyBody,
-};
-use crate::hijack::splice_upgraded;
+use crate::forward::{downstream, query_param};
+use crate::hijack::{splice_upgraded, ClientSocket};
 use crate::proxy::Proxy;
 use crate::rewrite::{
     container_is_woven, exec_inspect_container, has_weavewait_entrypoint, parse_object,
@@ -89,6 +87,7 @@ async fn pass_through(
     let (mut parts, body) = req.into_parts();
     // Present only when the client asked to upgrade; hyper resolves it after our 101.
     let client_upgrade = parts.extensions.remove::<OnUpgrade>();
+    let client_socket = parts.extensions.remove::<ClientSocket>();
     fix_host(&mut parts.headers);
     let mut response = proxy
         .upstream
@@ -96,7 +95,11 @@ async fn pass_through(
         .await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let client_upgrade = client_upgrade.ok_or(ProxyError::UnexpectedUpgrade)?;
-        splice_upgraded(client_upgrade, hyper::upgrade::on(&mut response));
+        splice_upgraded(
+            client_upgrade,
+            hyper::upgrade::on(&mut response),
+            client_socket,
+        );
         // Docker's status line and headers (Connection/Upgrade included) go back as they are.
         let (parts, _) = response.into_parts();
         return Ok(Response::from_parts(parts, full(Bytes::new())));
@@ -114,10 +117,10 @@ async fn send_bytes(
     fix_host(&mut parts.headers);
     set_content_length(&mut parts.headers, body.len());
     parts.extensions.remove::<OnUpgrade>();
-    proxy
+    Ok(proxy
         .upstream
         .send(Request::from_parts(parts, full(body)))
-        .await
+        .await?)
 }
 
 fn pass_reply(response: Response<Incoming>) -> Response<ProxyBody> {

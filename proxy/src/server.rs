@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use tokio::net::UnixListener;
 use tracing::{debug, warn, Instrument};
 
 use crate::head::{parse_request_head, HeadParse};
-use crate::hijack::raw_hijack;
+use crate::hijack::{raw_hijack, ClientSocket};
 use crate::intercept::handle;
 use crate::prefixed::Prefixed;
 use crate::proxy::Proxy;
@@ -41,7 +42,11 @@ pub(crate) async fn serve(
                 Ok((stream, _)) => {
                     next_id += 1;
                     let span = tracing::info_span!("conn", id = next_id);
-                    tokio::spawn(serve_connection(stream, proxy.clone()).instrument(span));
+                    // The stream owns the fd for as long as anything that uses it runs.
+                    let socket = ClientSocket(stream.as_raw_fd());
+                    tokio::spawn(
+                        serve_connection(stream, Some(socket), proxy.clone()).instrument(span),
+                    );
                 }
                 Err(e) => {
                     // EMFILE and the like: back off instead of spinning.
@@ -53,9 +58,12 @@ pub(crate) async fn serve(
     }
 }
 
-/// Serves one client connection.
-pub(crate) async fn serve_connection<S>(mut stream: S, proxy: Arc<Proxy>)
-where
+/// Serves one client connection; `socket` is its fd when `stream` is a real socket.
+pub(crate) async fn serve_connection<S>(
+    mut stream: S,
+    socket: Option<ClientSocket>,
+    proxy: Arc<Proxy>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -82,12 +90,15 @@ where
     };
     let buffered = buf.freeze();
     if let Some(head) = head.filter(|head| head.wants_raw_hijack()) {
-        raw_hijack(stream, head, buffered, &proxy.upstream).await;
+        raw_hijack(stream, head, buffered, &proxy.upstream, socket).await;
         return;
     }
 
     let io = TokioIo::new(Prefixed::new(buffered, stream));
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        if let Some(socket) = socket {
+            req.extensions_mut().insert(socket);
+        }
         let proxy = proxy.clone();
         async move { Ok::<_, Infallible>(handle(proxy, req).await) }
     });

@@ -22,7 +22,7 @@ use weave_api::types::{AttachRequest, AttachResponse, InterfaceInfo};
 
 use crate::attach::Network;
 use crate::docker::{ContainerEvent, DockerApi, DockerError, EventAction};
-use crate::hostname::HostnameRule;
+use crate::rewrite::hostname::HostnameRule;
 use crate::rewrite::{CreateOptions, ImageConfig};
 use crate::{run_with, ProxyConfig, ProxyError, Upstream};
 
@@ -594,6 +594,81 @@ async fn raw_hijack_without_upgrade_header() {
     assert_eq!(String::from_utf8_lossy(&output), "early\ngot:hello\nbye\n");
 }
 
+/// dockerd's side of an attach to an exited container with `logs=1`: the head, the output
+/// right behind it, and close.
+async fn exited_attach_script(mut s: UnixStream, reply_head: &'static [u8]) {
+    let _ = read_request(&mut s).await;
+    let mut reply = reply_head.to_vec();
+    reply.extend_from_slice(b"hello\n");
+    let _ = s.write_all(&reply).await;
+}
+
+/// Like docker-py: reads the head with one big read, then the stream to its end. Whatever
+/// came in that first read past the head is what docker-py loses.
+async fn head_then_stream(h: &Harness, request: &[u8]) -> (String, Vec<u8>) {
+    let mut client = h.connect().await;
+    client.write_all(request).await.expect("send");
+    // A slow client: plenty of time for the proxy to relay the output if it does not wait.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut first = vec![0u8; 64 * 1024];
+    let n = within("the head", client.read(&mut first))
+        .await
+        .expect("read head");
+    first.truncate(n);
+    let mut rest = Vec::new();
+    within("the stream", client.read_to_end(&mut rest))
+        .await
+        .expect("read stream");
+    (String::from_utf8_lossy(&first).into_owned(), rest)
+}
+
+#[tokio::test]
+async fn output_right_behind_the_101_comes_after_the_client_read_the_head() {
+    let h = Harness::start().await;
+    let _dockerd = h.dockerd(|s| {
+        exited_attach_script(
+            s,
+            b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n",
+        )
+    });
+    for _ in 0..3 {
+        let (first, rest) = head_then_stream(
+            &h,
+            b"POST /v1.41/containers/c1/attach?logs=1&stdout=1&stderr=1&stream=0 HTTP/1.1\r\nHost: docker\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        assert!(first.starts_with("HTTP/1.1 101 UPGRADED\r\n"), "{first}");
+        assert!(
+            first.ends_with("\r\n\r\n"),
+            "output came with the head: {first:?}"
+        );
+        assert_eq!(String::from_utf8_lossy(&rest), "hello\n");
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn raw_hijack_output_right_behind_the_head_comes_after_the_client_read_it() {
+    let h = Harness::start().await;
+    let _dockerd = h.dockerd(|s| {
+        exited_attach_script(
+            s,
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.docker.raw-stream\r\n\r\n",
+        )
+    });
+    let (first, rest) = head_then_stream(
+        &h,
+        b"POST /v1.21/containers/c1/attach?logs=1&stdout=1&stream=0 HTTP/1.1\r\nHost: docker\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        first,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.docker.raw-stream\r\n\r\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&rest), "hello\n");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn logs_are_not_hijacked() {
     let h = Harness::start().await;
@@ -1131,4 +1206,44 @@ async fn a_client_leaving_a_stream_releases_dockerds_connection() {
         .await;
     assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
     h.stop().await;
+}
+
+#[tokio::test]
+async fn a_kill_after_a_failed_attach_spares_a_process_that_is_no_longer_the_containers() {
+    let mut victim = tokio::process::Command::new("sleep")
+        .arg("60")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn sleep");
+    let pid = i32::try_from(victim.id().expect("pid")).expect("pid fits");
+    let docker = Arc::new(FakeDocker::default());
+    let proxy = crate::proxy::Proxy {
+        upstream: Upstream::Unix(PathBuf::from("/nonexistent/docker.sock")),
+        docker: docker.clone(),
+        network: Arc::new(FakeNetwork::default()),
+        create: create_options(),
+        attach: crate::attach::AttachOptions::default(),
+        rewrite_inspect: false,
+        starts: crate::proxy::StartTracker::default(),
+        attach_timeout: PATIENCE,
+    };
+    // The container has moved on (another process, or none): `pid` is not its process now.
+    for now in [i64::from(pid) + 1, 0] {
+        docker.add_container(woven_container("c0ffee", now));
+        crate::events::kill_container_process(&proxy, "c0ffee", pid).await;
+        assert!(
+            victim.try_wait().expect("try_wait").is_none(),
+            "killed a process that is no longer the container's (container pid {now})"
+        );
+    }
+    // Control: while it is the container's process, it is killed.
+    docker.add_container(woven_container("c0ffee", i64::from(pid)));
+    crate::events::kill_container_process(&proxy, "c0ffee", pid).await;
+    let status = within("the process to be killed", victim.wait())
+        .await
+        .expect("wait");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9));
+    // Reaped: its PID may be anyone's now; the kill opens no pidfd and signals nobody.
+    crate::events::kill_container_process(&proxy, "c0ffee", pid).await;
 }

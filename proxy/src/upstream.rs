@@ -14,10 +14,29 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tracing::{debug, Instrument};
 
-use crate::error::ProxyError;
-use crate::forward::ProxyBody;
+use crate::body::ProxyBody;
 
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What can go wrong on the way to dockerd.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("invalid Docker host {0:?}: expected unix:///path, /path or tcp://host:port")]
+    BadDockerHost(String),
+    /// dockerd's socket could not be dialled (spec §1.6.2). The text starts like the Go proxy's
+    /// and goes on like the docker CLI's own message.
+    #[error(
+        "Could not connect to target: Cannot connect to the Docker daemon at {target}. \
+         Is the docker daemon running? ({source})"
+    )]
+    Connect {
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Could not make request to target: {0}")]
+    Exchange(#[source] hyper::Error),
+}
 
 /// Where dockerd listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,8 +48,8 @@ pub enum Upstream {
 
 impl Upstream {
     /// `unix:///path`, `/path`, `tcp://host:port` or a bare `host:port`.
-    pub fn parse(host: &str) -> Result<Self, ProxyError> {
-        let bad = || ProxyError::BadDockerHost(host.to_string());
+    pub fn parse(host: &str) -> Result<Self, UpstreamError> {
+        let bad = || UpstreamError::BadDockerHost(host.to_string());
         if let Some(path) = host.strip_prefix("unix://") {
             if !path.starts_with('/') {
                 return Err(bad());
@@ -61,8 +80,8 @@ impl Upstream {
     }
 
     /// Opens a new connection to dockerd.
-    pub(crate) async fn dial(&self) -> Result<UpstreamStream, ProxyError> {
-        let connect_error = |source| ProxyError::Connect {
+    pub(crate) async fn dial(&self) -> Result<UpstreamStream, UpstreamError> {
+        let connect_error = |source| UpstreamError::Connect {
             target: self.url(),
             source,
         };
@@ -89,14 +108,14 @@ impl Upstream {
     pub(crate) async fn send(
         &self,
         request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let stream = self.dial().await?;
         let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
             .preserve_header_case(true)
             .title_case_headers(true)
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(ProxyError::Exchange)?;
+            .map_err(UpstreamError::Exchange)?;
         tokio::spawn(
             async move {
                 if let Err(e) = connection.with_upgrades().await {
@@ -108,7 +127,7 @@ impl Upstream {
         sender
             .send_request(request)
             .await
-            .map_err(ProxyError::Exchange)
+            .map_err(UpstreamError::Exchange)
     }
 }
 

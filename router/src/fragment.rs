@@ -48,6 +48,11 @@ pub fn fragment(frame: &[u8], max_frame_len: usize) -> Option<Vec<Vec<u8>>> {
     let base_offset = usize::from(flags & IP_OFFSET_MASK) * 8;
     let more_after = flags & IP_MF != 0;
     let payload = &ip[IPV4_LEN..total_len];
+    // A packet that would end past the largest IPv4 datagram is malformed (the receiver drops
+    // it), and its pieces' offsets would not fit the 13-bit field: refuse it rather than wrap.
+    if base_offset + payload.len() > usize::from(u16::MAX) - IPV4_LEN {
+        return None;
+    }
     let pieces = payload
         .chunks(per_piece)
         .enumerate()
@@ -140,6 +145,22 @@ mod tests {
         for n in 0..40 {
             let _ = fragment(&udp_frame(100, 0)[..n], 50);
         }
+    }
+
+    /// Found by the fuzzer (router/fuzz, target icmp_fragment): a fragment whose offset plus
+    /// length runs past 64 KiB made pieces whose offsets wrapped around to the start.
+    #[test]
+    fn refuses_a_fragment_that_ends_past_64k_instead_of_wrapping() {
+        let frame = udp_frame(3000, 0x1ff0);
+        assert_eq!(fragment(&frame, 1400), None);
+        // The highest offsets that still fit are cut as usual.
+        let base = 0x1ff0 * 8;
+        let len = usize::from(u16::MAX) - IPV4_LEN - base;
+        let frame = udp_frame(len, 0x1ff0);
+        let pieces = fragment(&frame, 60).expect("pieces");
+        let (payload, last_mf) = reassemble(&pieces);
+        assert_eq!(payload[base..], frame[ETH_LEN + IPV4_LEN..]);
+        assert!(!last_mf);
     }
 
     proptest! {

@@ -4,11 +4,11 @@
 //! everything on a unix socket for root and the docker group, [`access`]) that the CLI and the
 //! proxy use, and the sleeve (pcap + UDP 6783 data plane, [`sleeve_shell`]).
 //!
-//! The mesh and the data plane talk through two small tasks here: `feed_data_plane` turns
-//! [`mesh_shell::MeshEvent`]s into data-plane commands (peer up/down, keys, routes), and
-//! `watch_data_plane` turns the data plane's status into [`mesh_shell::OverlayStatus`] reports
-//! (forwarder established / timed out, MTU) for the mesh, which gates each connection's
-//! `established` state on them, and into the report's `Interface` and `CaptureStats`.
+//! The mesh and the data plane talk through two small tasks in [`feed`]. Every long-lived part
+//! is registered with a [`supervise::Supervisor`]: when one ends, the router reports not ready,
+//! logs which part and why, and returns [`RouterError::PartEnded`] (the binary exits non-zero and
+//! Docker's restart policy brings up a fresh router) rather than running on with links that are
+//! black holes. Queues between the parts are bounded in count and bytes ([`queue`]).
 //!
 //! Pure modules (no IO, unit-tested without root): [`status`], and the API's [`addr`] and
 //! [`api_types`] (from the `weave-api` crate, which also holds the client the CLI and the proxy
@@ -24,6 +24,7 @@ pub mod capture;
 pub mod checksum;
 pub mod containers;
 mod control;
+pub mod feed;
 pub mod fragment;
 pub mod gro;
 pub mod icmp;
@@ -31,9 +32,11 @@ pub mod iptables;
 pub mod mac_cache;
 pub mod mesh;
 pub mod mesh_shell;
+pub mod queue;
 pub mod sleeve;
 pub mod sleeve_shell;
 pub mod status;
+pub mod supervise;
 
 use std::collections::hash_map::RandomState;
 use std::future::Future;
@@ -118,6 +121,11 @@ pub enum RouterError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the data plane thread: {0}")]
+    DataPlaneThread(#[source] std::io::Error),
+    /// A long-lived part ended: the router stops, to be restarted whole.
+    #[error("{part} ended: {why}")]
+    PartEnded { part: &'static str, why: String },
 }
 
 /// A random non-zero u64 (peer UID: detects restarts).
@@ -181,7 +189,9 @@ pub async fn run(
 
     let uid = random_u64();
     let snapshot = status::StatusSnapshot {
-        ready: true,
+        // Ready once the data plane's capture is open (`feed::watch_data_plane`).
+        ready: false,
+        failed: None,
         version: config.version.clone(),
         router: status::RouterStatus {
             peer_discovery: config.discovery,
@@ -224,9 +234,13 @@ pub async fn run(
             port: config.port,
             source,
         })?;
+    let mut parts = supervise::Supervisor::new();
+    for (name, task) in running.take_tasks() {
+        parts.adopt(name, task);
+    }
     // The data plane: captured frames go to peers over UDP, received ones are injected. The
     // mesh tells it which peers are up, with which keys, and the routes.
-    let (dp_tx, dp_rx) = tokio::sync::mpsc::channel(256);
+    let (dp_tx, dp_rx) = tokio::sync::mpsc::channel(feed::DATA_PLANE_QUEUE);
     let (dp_status_tx, dp_status) = watch::channel(sleeve_shell::DataPlaneStatus::default());
     let mut data_plane_config = sleeve_shell::DataPlaneConfig::new(
         mesh::peer::PeerName::from_bytes(mac.0),
@@ -235,19 +249,30 @@ pub async fn run(
     data_plane_config.capture = capture::CaptureConfig::for_mtu(config.mtu);
     let interface = format!("{} (via pcap)", data_plane_config.capture_iface);
     let (stop_data_plane, data_plane_stopped) = tokio::sync::oneshot::channel::<()>();
-    let data_plane = spawn_data_plane(data_plane_config, dp_rx, dp_status_tx, data_plane_stopped);
-    let events = std::mem::replace(
-        &mut running.events,
-        tokio::sync::mpsc::unbounded_channel().1,
+    let data_plane =
+        feed::spawn_data_plane(data_plane_config, dp_rx, dp_status_tx, data_plane_stopped)
+            .map_err(RouterError::DataPlaneThread)?;
+    let data_plane_done = parts.spawn("data plane", async move {
+        data_plane
+            .await
+            .unwrap_or_else(|_| Err("its thread ended without a word".to_string()))
+    });
+    parts.spawn(
+        "data-plane feed",
+        feed::feed_data_plane(running.view.clone(), dp_tx, config.port),
     );
-    let translate = tokio::spawn(feed_data_plane(events, dp_tx, config.port));
-    let watch_status = tokio::spawn(watch_data_plane(
-        dp_status,
-        running.handle.clone(),
-        status_tx,
-        interface,
-    ));
+    parts.spawn(
+        "data-plane watch",
+        feed::watch_data_plane(
+            dp_status,
+            running.handle.clone(),
+            status_tx.clone(),
+            interface,
+        ),
+    );
     let (control, owner) = control::spawn(bridge);
+    let owner_abort = owner.abort_handle();
+    let control_done = parts.adopt("bridge control", owner);
     let state = api::ApiState {
         control,
         status: status_rx,
@@ -259,186 +284,41 @@ pub async fn run(
         socket,
         socket_group: config.api_socket_group,
     };
-    api::serve(listeners, state, shutdown).await;
-    let _ = std::fs::remove_file(&config.api_socket);
-    running.abort();
-    translate.abort();
-    watch_status.abort();
-    let _ = stop_data_plane.send(());
-    if let Some(done) = data_plane {
-        let _ = tokio::time::timeout(CONTROL_GRACE, done).await;
-    }
-    // Every handle is gone with the server, so the owner stops after the command in flight.
-    let abort = owner.abort_handle();
-    if tokio::time::timeout(CONTROL_GRACE, owner).await.is_err() {
-        abort.abort();
-    }
-    tracing::info!("weave router stopped");
-    Ok(())
-}
-
-/// Run the data plane on a thread of its own with a single-threaded runtime: every frame passes
-/// through that one task, so it gets one thread for the capture thread to wake, no hops between
-/// work-stealing workers, and no control-plane task (gossip, API) ahead of it in a queue.
-/// The thread inherits the calling thread's network namespace. Returns a receiver that
-/// resolves when the data plane has stopped, `None` if the thread could not start.
-fn spawn_data_plane(
-    config: sleeve_shell::DataPlaneConfig,
-    commands: tokio::sync::mpsc::Receiver<sleeve_shell::DataPlaneCommand>,
-    status: watch::Sender<sleeve_shell::DataPlaneStatus>,
-    stop: tokio::sync::oneshot::Receiver<()>,
-) -> Option<tokio::sync::oneshot::Receiver<()>> {
-    let (done_tx, done) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name("weave-sleeve".to_string())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the data plane's runtime");
-                    return;
-                }
-            };
-            let stopped = async {
-                let _ = stop.await;
-            };
-            let result =
-                runtime.block_on(sleeve_shell::run_data_plane(config, commands, status, stopped));
-            if let Err(e) = result {
-                tracing::error!(error = %e, "data plane stopped: containers cannot reach other hosts");
-            }
-            let _ = done_tx.send(());
-        });
-    match spawned {
-        Ok(_) => Some(done),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the data plane thread: containers cannot reach other hosts");
-            None
-        }
-    }
-}
-
-/// Turns what the mesh reports into data-plane commands. The dialling side knows the peer's
-/// UDP address (its TCP address, mesh port); the listening side learns it from heartbeats.
-async fn feed_data_plane(
-    mut events: tokio::sync::mpsc::UnboundedReceiver<mesh_shell::MeshEvent>,
-    data_plane: tokio::sync::mpsc::Sender<sleeve_shell::DataPlaneCommand>,
-    port: u16,
-) {
-    use mesh_shell::MeshEvent;
-    use sleeve_shell::DataPlaneCommand;
-    let udp_keys = |k: mesh::conn::UdpKeys| sleeve::SessionKeys {
-        epoch: k.epoch,
-        send: k.send,
-        recv: k.recv,
+    // The API server runs here; when a part fails it is dropped at once (no grace for its
+    // connections: the router is going down).
+    let failure = tokio::select! {
+        () = api::serve(listeners, state, shutdown) => None,
+        failure = parts.failed() => Some(failure),
     };
-    while let Some(event) = events.recv().await {
-        let command = match event {
-            MeshEvent::ConnectionUp {
-                remote,
-                addr,
-                outbound,
-                conn_uid,
-                udp_encrypted,
-                keys,
-                ..
-            } => DataPlaneCommand::PeerUp {
-                name: remote,
-                conn_uid,
-                // Plaintext: the address is all that identifies the peer, so both sides need it.
-                remote: (outbound || !udp_encrypted || keys.is_none())
-                    .then(|| SocketAddr::new(addr.ip(), port)),
-                udp_keys: keys.filter(|_| udp_encrypted).map(udp_keys),
-            },
-            MeshEvent::UdpRekey { remote, keys } => DataPlaneCommand::Rekey {
-                name: remote,
-                keys: udp_keys(keys),
-            },
-            MeshEvent::ConnectionDown { remote } => DataPlaneCommand::PeerDown { name: remote },
-            MeshEvent::Routes(routes) => DataPlaneCommand::Routes(routes),
-            MeshEvent::OverlayControl { from, index, .. } => {
-                tracing::debug!(%from, index, "overlay control message ignored");
-                continue;
-            }
-        };
-        if data_plane.send(command).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// What the mesh needs from the data plane's status: per peer, its forwarder's connection UID,
-/// state and MTU.
-fn overlay_status(dp: &sleeve_shell::DataPlaneStatus) -> mesh_shell::OverlayStatus {
-    mesh_shell::OverlayStatus {
-        peers: dp
-            .peers
-            .iter()
-            .map(|(name, p)| {
-                (
-                    *name,
-                    mesh_shell::OverlayPeer {
-                        conn_uid: p.conn_uid,
-                        established: p.established,
-                        mtu: p.mtu,
-                        timed_out: p.timed_out,
-                        udp_epoch: p.udp_epoch,
-                        udp_key_switches: p.udp_key_switches,
-                        udp_key_drops: p.udp_key_drops,
-                    },
-                )
-            })
-            .collect(),
-    }
-}
-
-/// Follows the data plane's status (published on changes and about once a second): forwarder
-/// states go to the mesh (when they changed), the capture interface and libpcap's counters to
-/// the report. The data plane sends its first status once its capture is open; when it stops,
-/// the report goes back to no interface.
-async fn watch_data_plane(
-    mut dp: watch::Receiver<sleeve_shell::DataPlaneStatus>,
-    mesh: mesh_shell::MeshHandle,
-    status: watch::Sender<status::StatusSnapshot>,
-    interface: String,
-) {
-    let mut sent: Option<mesh_shell::OverlayStatus> = None;
-    while dp.changed().await.is_ok() {
-        let (overlay, capture, sleeve) = {
-            let now = dp.borrow_and_update();
-            let sleeve = status::SleeveCounters {
-                macs_evicted: now.drops.macs_evicted,
-                icmp_rate_limited: now.drops.icmp_rate_limited,
-            };
-            (overlay_status(&now), now.capture, Some(sleeve))
-        };
-        status.send_if_modified(|s| {
-            let r = &mut s.router;
-            let changed =
-                r.interface != interface || r.capture_stats != Some(capture) || r.sleeve != sleeve;
-            r.interface.clone_from(&interface);
-            r.capture_stats = Some(capture);
-            r.sleeve = sleeve;
-            changed
+    if let Some(f) = &failure {
+        status_tx.send_modify(|s| {
+            s.ready = false;
+            s.failed = Some(f.to_string());
         });
-        if sent.as_ref() != Some(&overlay) {
-            if mesh.overlay_status(overlay.clone()).await.is_err() {
-                return;
-            }
-            sent = Some(overlay);
+        tracing::error!(part = f.part, why = %f.why, "a part of the router ended: stopping, to be restarted");
+    }
+    let _ = std::fs::remove_file(&config.api_socket);
+    // The data plane and the bridge owner stop on their own, below; everything else now.
+    parts.abort_except(&["data plane", "bridge control"]);
+    let _ = stop_data_plane.send(());
+    let _ = tokio::time::timeout(CONTROL_GRACE, data_plane_done).await;
+    // Every handle is gone with the server, so the owner stops after the command in flight.
+    if tokio::time::timeout(CONTROL_GRACE, control_done)
+        .await
+        .is_err()
+    {
+        owner_abort.abort();
+    }
+    match failure {
+        Some(f) => Err(RouterError::PartEnded {
+            part: f.part,
+            why: f.why,
+        }),
+        None => {
+            tracing::info!("weave router stopped");
+            Ok(())
         }
     }
-    status.send_if_modified(|s| {
-        let r = &mut s.router;
-        let changed = !r.interface.is_empty() || r.capture_stats.is_some();
-        r.interface.clear();
-        r.capture_stats = None;
-        r.sleeve = None;
-        changed
-    });
 }
 
 /// Create (or reuse) the bridge `name` with `mtu` in the calling thread's network namespace and

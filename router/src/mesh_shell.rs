@@ -16,12 +16,17 @@
 //!   [`ConnectionMaker`] and the registry of live connections; it dials, gossips, decides
 //!   duplicates and publishes the status on a `watch` channel.
 //!
-//! Connection tasks talk to the mesh task over a bounded channel (awaited); the mesh task never
-//! awaits a connection task (it uses `try_send`; a full queue drops the message, which periodic
-//! gossip repairs), so the two can never deadlock.
+//! Connection tasks talk to the mesh task over a queue bounded in count and bytes
+//! ([`TO_MESH_QUEUE`], [`TO_MESH_BYTES`], shared by all connections; awaited, so a busy mesh task
+//! slows down reading from the sockets, and TCP pushes back on the peers); the mesh task never
+//! awaits a connection task (each has its own queue, [`TO_CONN_QUEUE`] / [`TO_CONN_BYTES`]; the
+//! mesh uses `try_send`, a full queue drops the message and counts it, and periodic gossip repairs
+//! that), so the two can never deadlock. Gossip on channels other than topology is capped at
+//! [`MAX_GOSSIP_PAYLOAD`] per message, checked as soon as it is decoded.
 //!
-//! For the sleeve shell: [`MeshEvent`]s (connection up with its UDP keys, rekeys, connection down,
-//! overlay control messages) come out of [`start`]; [`MeshHandle::send_overlay`] sends overlay
+//! For the sleeve shell: [`start`] returns a `watch` of the [`DataPlaneView`] (live connections
+//! with their UDP keys, and the data-plane routes; latest wins, so nothing queues up behind a
+//! slow data plane); [`MeshHandle::send_overlay`] sends overlay
 //! control messages to a peer; [`MeshHandle::overlay_status`] feeds back what the data plane
 //! says about its forwarders. As in Weave (spec §2.1, §4.7), a connection stays `pending` until
 //! its forwarder (same connection UID) is established over UDP, and is torn down with
@@ -46,7 +51,9 @@ use crate::mesh::conn::{Conn, ConnConfig, ConnEvent, Message, UdpKeys};
 use crate::mesh::connmaker::{
     parse_peer_spec, ConnMakerConfig, ConnectionMaker, DirectPeer, TargetState,
 };
-use crate::mesh::gossip::{choose_neighbours, gossip_fanout, GossipChannel, SurrogateFilter};
+use crate::mesh::gossip::{
+    choose_neighbours, gossip_fanout, GossipChannel, SurrogateFilter, MAX_GOSSIP_PAYLOAD,
+};
 use crate::mesh::handshake::{
     resolve_duplicate, DuplicateResolution, Established, Handshake, HandshakeConfig,
     HandshakeError, KdfParams, Progress,
@@ -54,6 +61,7 @@ use crate::mesh::handshake::{
 use crate::mesh::peer::{Peer, PeerName, PeerUid};
 use crate::mesh::routes::{LinkFilter, Routes};
 use crate::mesh::topology::{ConnSummary, Topology};
+use crate::queue::{self, Weigh};
 use crate::status::{
     BroadcastRoute, ConnectionState, ConnectionStatus, PeerConnection, PeerStatus, StatusSnapshot,
     UnicastRoute,
@@ -73,9 +81,15 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accept pacing (spec §2.1): burst, then one per interval.
 const ACCEPT_BURST: u32 = 20;
 const ACCEPT_INTERVAL: Duration = Duration::from_millis(50);
-/// Queue sizes.
-const TO_MESH_QUEUE: usize = 256;
-const TO_CONN_QUEUE: usize = 64;
+/// Connections to the mesh task: messages (awaited: backpressure onto the sockets).
+pub const TO_MESH_QUEUE: usize = 256;
+/// ... and their bytes: a few maximal topology messages.
+pub const TO_MESH_BYTES: usize = 64 << 20;
+/// The mesh task to one connection: messages (`try_send`: dropped and counted when full).
+pub const TO_CONN_QUEUE: usize = 64;
+/// ... and their bytes, per connection.
+pub const TO_CONN_BYTES: usize = 16 << 20;
+/// API and data plane to the mesh task (awaited; small messages, control-plane rate).
 const COMMAND_QUEUE: usize = 16;
 /// The overlay every connection uses.
 const OVERLAY: &str = "sleeve";
@@ -116,33 +130,27 @@ impl MeshConfig {
     }
 }
 
-/// What the sleeve shell gets.
-#[derive(Debug, Clone)]
-pub enum MeshEvent {
-    /// A connection was added to the local peer. `keys` (password mode) are epoch 0's UDP keys;
-    /// `udp_encrypted` is false without a password or when both ends trust each other.
-    ConnectionUp {
-        remote: PeerName,
-        nickname: String,
-        /// Remote TCP address (its IP is where the sleeve sends UDP).
-        addr: SocketAddr,
-        outbound: bool,
-        conn_uid: u64,
-        udp_encrypted: bool,
-        keys: Option<UdpKeys>,
-    },
-    /// The TCP connection to `remote` rekeyed: new UDP keys (keep the old receive key a while).
-    UdpRekey { remote: PeerName, keys: UdpKeys },
-    /// The connection to `remote` is gone: stop its forwarder.
-    ConnectionDown { remote: PeerName },
-    /// The topology changed: data-plane routes over established, symmetric links.
-    Routes(crate::mesh::routes::RouteTable),
-    /// An overlay control message from a neighbour.
-    OverlayControl {
-        from: PeerName,
-        index: u8,
-        body: Vec<u8>,
-    },
+/// One live connection, as the data plane needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerLink {
+    /// Remote TCP address (its IP is where the sleeve sends UDP).
+    pub addr: SocketAddr,
+    pub outbound: bool,
+    /// Identifies this connection (a new one to the same peer replaces the forwarder).
+    pub conn_uid: u64,
+    /// False without a password or when both ends trust each other.
+    pub udp_encrypted: bool,
+    /// The latest UDP keys (password mode): epoch 0's, then each rekey's.
+    pub keys: Option<UdpKeys>,
+}
+
+/// What the data plane follows (a `watch`: it only ever needs the latest).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataPlaneView {
+    /// Connections added to the local peer (established or still pending), by remote peer.
+    pub peers: BTreeMap<PeerName, PeerLink>,
+    /// Data-plane routes over established, symmetric links.
+    pub routes: crate::mesh::routes::RouteTable,
 }
 
 /// What the data plane says about the forwarder of one peer connection.
@@ -300,17 +308,22 @@ pub async fn resolve_peers(specs: &[String], port: u16) -> Result<Vec<DirectPeer
 #[derive(Debug)]
 pub struct RunningMesh {
     pub handle: MeshHandle,
-    /// For the sleeve shell (drain it: a full queue drops events).
-    pub events: mpsc::UnboundedReceiver<MeshEvent>,
-    tasks: Vec<JoinHandle<()>>,
+    /// For the sleeve shell.
+    pub view: watch::Receiver<DataPlaneView>,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
 }
 
 impl RunningMesh {
     /// Stop the acceptor and the mesh task (connection tasks end when they next talk to it).
     pub fn abort(&self) {
-        for t in &self.tasks {
+        for (_, t) in &self.tasks {
             t.abort();
         }
+    }
+
+    /// The long-lived tasks, by name, for a supervisor (which then owns stopping them).
+    pub fn take_tasks(&mut self) -> Vec<(&'static str, JoinHandle<()>)> {
+        std::mem::take(&mut self.tasks)
     }
 }
 
@@ -334,9 +347,9 @@ pub async fn start(
         .await
         .map_err(std::io::Error::other)?
         .map_err(std::io::Error::other)?;
-    let (to_mesh, from_conns) = mpsc::channel(TO_MESH_QUEUE);
+    let (to_mesh, from_conns) = queue::channel(TO_MESH_QUEUE, TO_MESH_BYTES);
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
-    let (event_tx, events) = mpsc::unbounded_channel();
+    let (view_tx, view) = watch::channel(DataPlaneView::default());
     let ctx = Arc::new(ConnCtx {
         hs,
         trusted_subnets: config.trusted_subnets.clone(),
@@ -364,12 +377,12 @@ pub async fn start(
         port: config.port,
     };
     let acceptor = tokio::spawn(accept_loop(listener, ctx.clone()));
-    let mesh = Mesh::new(config, ctx, status, event_tx, initial);
+    let mesh = Mesh::new(config, ctx, status, view_tx, initial);
     let task = tokio::spawn(mesh.run(from_conns, cmd_rx));
     Ok(RunningMesh {
         handle,
-        events,
-        tasks: vec![acceptor, task],
+        view,
+        tasks: vec![("mesh listener", acceptor), ("mesh", task)],
     })
 }
 
@@ -523,7 +536,7 @@ fn next_id() -> u64 {
 struct ConnCtx {
     hs: HandshakeConfig,
     trusted_subnets: Vec<Ipv4Cidr>,
-    to_mesh: mpsc::Sender<ToMesh>,
+    to_mesh: queue::Sender<ToMesh>,
 }
 
 #[derive(Debug)]
@@ -540,7 +553,7 @@ struct Registration {
     conn_uid: u64,
     udp_encrypted: bool,
     keys: Option<UdpKeys>,
-    tx: mpsc::Sender<ToConn>,
+    tx: queue::Sender<ToConn>,
     reply: oneshot::Sender<Result<(), String>>,
 }
 
@@ -566,6 +579,73 @@ enum ToMesh {
         remote: PeerName,
         error: Option<String>,
     },
+}
+
+/// Fixed cost of a queued item besides its payload (enum, strings' headers, allocation).
+const ITEM_OVERHEAD: usize = 64;
+
+/// Bytes a message holds.
+fn message_weight(msg: &Message) -> usize {
+    ITEM_OVERHEAD
+        + match msg {
+            Message::Gossip {
+                channel, payload, ..
+            }
+            | Message::GossipBroadcast {
+                channel, payload, ..
+            }
+            | Message::GossipUnicast {
+                channel, payload, ..
+            } => channel.len() + payload.len(),
+            Message::OverlayControl { body, .. } => body.len(),
+            Message::Heartbeat | Message::Unknown(_) => 0,
+        }
+}
+
+impl Weigh for ToConn {
+    fn weight(&self) -> usize {
+        match self {
+            ToConn::Send(msg) => message_weight(msg),
+            ToConn::Close(reason) => ITEM_OVERHEAD + reason.len(),
+        }
+    }
+}
+
+impl Weigh for ToMesh {
+    fn weight(&self) -> usize {
+        match self {
+            ToMesh::Received { msg, .. } => message_weight(msg),
+            ToMesh::AttemptFailed { error, .. } => ITEM_OVERHEAD + error.len(),
+            ToMesh::Closed { error, .. } => ITEM_OVERHEAD + error.as_ref().map_or(0, String::len),
+            ToMesh::Register(reg) => ITEM_OVERHEAD + reg.remote.nickname.len(),
+            ToMesh::UdpKeys { .. } => ITEM_OVERHEAD,
+        }
+    }
+}
+
+/// Non-topology gossip above [`MAX_GOSSIP_PAYLOAD`] is dropped where it is decoded (the
+/// connection task), before it takes room in the mesh task's queue. Returns the message if it
+/// may pass.
+fn within_gossip_cap(msg: Message, remote: PeerName) -> Option<Message> {
+    let (channel, len) = match &msg {
+        Message::Gossip {
+            channel, payload, ..
+        }
+        | Message::GossipBroadcast {
+            channel, payload, ..
+        }
+        | Message::GossipUnicast {
+            channel, payload, ..
+        } => (channel.as_str(), payload.len()),
+        _ => return Some(msg),
+    };
+    if channel == TOPOLOGY_CHANNEL || len <= MAX_GOSSIP_PAYLOAD {
+        return Some(msg);
+    }
+    static DROPPED: AtomicU64 = AtomicU64::new(0);
+    let dropped = DROPPED.fetch_add(1, Ordering::Relaxed) + 1;
+    tracing::debug!(%remote, channel, len, dropped, "dropping oversized gossip");
+    None
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -707,7 +787,7 @@ async fn connection(
             return;
         }
     };
-    let (tx, mut rx) = mpsc::channel(TO_CONN_QUEUE);
+    let (tx, mut rx) = queue::channel(TO_CONN_QUEUE, TO_CONN_BYTES);
     let (reply_tx, reply_rx) = oneshot::channel();
     let reg = Registration {
         id,
@@ -732,6 +812,11 @@ async fn connection(
     {
         return;
     }
+    let mut closing = CloseGuard {
+        id,
+        remote: remote.name,
+        to_mesh: Some(ctx.to_mesh.clone()),
+    };
     match reply_rx.await {
         Ok(Ok(())) => tracing::info!("{who}: connection added"),
         Ok(Err(reason)) => {
@@ -745,6 +830,7 @@ async fn connection(
         Some(e) => tracing::warn!("{who}: connection shutting down due to error: {e}"),
         None => tracing::info!("{who}: connection closed"),
     }
+    closing.to_mesh = None;
     let _ = ctx
         .to_mesh
         .send(ToMesh::Closed {
@@ -755,11 +841,41 @@ async fn connection(
         .await;
 }
 
+/// Tells the mesh task that a registered connection is gone should its task end any other way
+/// than through its last line (a panic, or an early return): otherwise the mesh would keep a
+/// dead connection, a black hole for that peer, until the peer's heartbeats time out.
+struct CloseGuard {
+    id: u64,
+    remote: PeerName,
+    /// `None` once the task reports its end itself.
+    to_mesh: Option<queue::Sender<ToMesh>>,
+}
+
+impl Drop for CloseGuard {
+    fn drop(&mut self) {
+        let Some(to_mesh) = self.to_mesh.take() else {
+            return;
+        };
+        let why = if std::thread::panicking() {
+            "connection task panicked"
+        } else {
+            "connection task ended"
+        };
+        // Cannot await here; the queue bound only refuses under a flood of messages, and then
+        // the heartbeat timeout still removes the connection.
+        let _ = to_mesh.try_send(ToMesh::Closed {
+            id: self.id,
+            remote: self.remote,
+            error: Some(why.to_string()),
+        });
+    }
+}
+
 /// The established connection's loop; returns the error that ended it (`None`: closed by us).
 async fn drive(
     conn: &mut Conn<OsRng>,
     stream: &mut TcpStream,
-    rx: &mut mpsc::Receiver<ToConn>,
+    rx: &mut queue::Receiver<ToConn>,
     id: u64,
     remote: PeerName,
     ctx: &ConnCtx,
@@ -774,10 +890,13 @@ async fn drive(
                     tracing::debug!(tag, %remote, "ignoring message with unknown tag");
                     continue;
                 }
-                ConnEvent::Message(msg) => ToMesh::Received {
-                    id,
-                    from: remote,
-                    msg,
+                ConnEvent::Message(msg) => match within_gossip_cap(msg, remote) {
+                    Some(msg) => ToMesh::Received {
+                        id,
+                        from: remote,
+                        msg,
+                    },
+                    None => continue,
                 },
                 ConnEvent::NewUdpKeys(keys) => ToMesh::UdpKeys { id, remote, keys },
             };
@@ -822,7 +941,7 @@ async fn drive(
 /// A connection registered with the mesh task.
 struct Live {
     id: u64,
-    tx: mpsc::Sender<ToConn>,
+    tx: queue::Sender<ToConn>,
     addr: SocketAddr,
     outbound: bool,
     conn_uid: u64,
@@ -845,7 +964,7 @@ struct Mesh {
     surrogate: SurrogateFilter,
     terminations: u64,
     status: watch::Sender<StatusSnapshot>,
-    events: mpsc::UnboundedSender<MeshEvent>,
+    view: watch::Sender<DataPlaneView>,
 }
 
 impl Mesh {
@@ -853,7 +972,7 @@ impl Mesh {
         config: MeshConfig,
         ctx: Arc<ConnCtx>,
         status: watch::Sender<StatusSnapshot>,
-        events: mpsc::UnboundedSender<MeshEvent>,
+        view: watch::Sender<DataPlaneView>,
         initial: Vec<DirectPeer>,
     ) -> Self {
         let now = Instant::now();
@@ -884,14 +1003,14 @@ impl Mesh {
             surrogate: SurrogateFilter::default(),
             terminations: 0,
             status,
-            events,
+            view,
             config,
         }
     }
 
     async fn run(
         mut self,
-        mut from_conns: mpsc::Receiver<ToMesh>,
+        mut from_conns: queue::Receiver<ToMesh>,
         mut commands: mpsc::Receiver<MeshCommand>,
     ) {
         loop {
@@ -922,9 +1041,12 @@ impl Mesh {
                 tracing::info!("Removed unreachable peer {}({})", gone.name, gone.nickname);
             }
             self.routes = Routes::compute(self.gossip.data());
-            self.emit(MeshEvent::Routes(crate::mesh::routes::RouteTable::compute(
-                self.gossip.data(),
-            )));
+            let table = crate::mesh::routes::RouteTable::compute(self.gossip.data());
+            self.view.send_if_modified(|v| {
+                let changed = v.routes != table;
+                v.routes = table;
+                changed
+            });
         }
         for action in self.gossip.handle_timeout(now) {
             let crate::mesh::gossip::GossipAction::Gossip { payload, exclude } = action;
@@ -979,16 +1101,13 @@ impl Mesh {
     fn send_to(&self, to: PeerName, msg: Message) {
         if let Some(live) = self.conns.get(&to) {
             if live.tx.try_send(ToConn::Send(msg)).is_err() {
-                tracing::debug!(peer = %to, "connection queue full: message dropped");
+                tracing::debug!(
+                    peer = %to,
+                    dropped = live.tx.dropped(),
+                    queued_bytes = live.tx.queued_bytes(),
+                    "connection queue full: message dropped"
+                );
             }
-        }
-    }
-
-    fn emit(&self, ev: MeshEvent) {
-        // Unbounded: these carry state (peers up/down, keys, routes) the data plane must not
-        // miss, they come at control-plane rate, and their consumer only forwards them.
-        if self.events.send(ev).is_err() {
-            tracing::debug!("mesh events have no consumer");
         }
     }
 
@@ -1074,7 +1193,11 @@ impl Mesh {
             ToMesh::Register(reg) => self.register(now, *reg),
             ToMesh::UdpKeys { id, remote, keys } => {
                 if self.conns.get(&remote).is_some_and(|l| l.id == id) {
-                    self.emit(MeshEvent::UdpRekey { remote, keys });
+                    self.view.send_modify(|v| {
+                        if let Some(link) = v.peers.get_mut(&remote) {
+                            link.keys = Some(keys);
+                        }
+                    });
                 }
             }
             ToMesh::Received { id, from, msg } => {
@@ -1098,7 +1221,8 @@ impl Mesh {
         }
         self.maker
             .on_disconnected(now, remote, error, false, &mut OsRng);
-        self.emit(MeshEvent::ConnectionDown { remote });
+        self.view
+            .send_if_modified(|v| v.peers.remove(&remote).is_some());
     }
 
     fn register(&mut self, now: Instant, reg: Registration) {
@@ -1161,14 +1285,15 @@ impl Mesh {
             // No data plane to wait for: established as soon as it is added.
             self.establish(now, name);
         }
-        self.emit(MeshEvent::ConnectionUp {
-            remote: name,
-            nickname: reg.remote.nickname.clone(),
+        let link = PeerLink {
             addr: reg.addr,
             outbound: reg.outbound,
             conn_uid: reg.conn_uid,
             udp_encrypted: reg.udp_encrypted,
             keys: reg.keys,
+        };
+        self.view.send_modify(|v| {
+            v.peers.insert(name, link);
         });
         let _ = reg.reply.send(Ok(()));
     }
@@ -1216,7 +1341,8 @@ impl Mesh {
                 }
             }
             Message::OverlayControl { index, body } => {
-                self.emit(MeshEvent::OverlayControl { from, index, body });
+                // The sleeve needs none (it probes PMTU over UDP); Weave's fastdp would.
+                tracing::debug!(%from, index, len = body.len(), "overlay control message ignored");
             }
             Message::Heartbeat | Message::Unknown(_) => {}
         }
@@ -1455,8 +1581,82 @@ mod tests {
         assert!(wait.is_zero());
     }
 
+    #[test]
+    fn gossip_cap_spares_topology_only() {
+        let remote = PeerName::from_u64(2);
+        let gossip = |channel: &str, len: usize| Message::Gossip {
+            channel: channel.into(),
+            src: remote,
+            payload: vec![0; len],
+        };
+        assert!(within_gossip_cap(gossip("IPallocation", MAX_GOSSIP_PAYLOAD), remote).is_some());
+        assert!(
+            within_gossip_cap(gossip("IPallocation", MAX_GOSSIP_PAYLOAD + 1), remote).is_none()
+        );
+        assert!(within_gossip_cap(gossip(TOPOLOGY_CHANNEL, 4 << 20), remote).is_some());
+        let unicast = Message::GossipUnicast {
+            channel: "nameserver".into(),
+            src: remote,
+            dst: PeerName::from_u64(1),
+            payload: vec![0; MAX_GOSSIP_PAYLOAD + 1],
+        };
+        assert!(within_gossip_cap(unicast, remote).is_none());
+        let broadcast = Message::GossipBroadcast {
+            channel: "nameserver".into(),
+            src: remote,
+            payload: vec![0; MAX_GOSSIP_PAYLOAD + 1],
+        };
+        assert!(within_gossip_cap(broadcast, remote).is_none());
+        let overlay = Message::OverlayControl {
+            index: 0,
+            body: vec![0; MAX_GOSSIP_PAYLOAD + 1],
+        };
+        assert!(within_gossip_cap(overlay, remote).is_some());
+        // What a queued message weighs follows its payload.
+        let heavy = ToConn::Send(gossip(TOPOLOGY_CHANNEL, 4 << 20));
+        assert!(heavy.weight() > 4 << 20);
+        assert!(ToConn::Send(Message::Heartbeat).weight() < 1024);
+    }
+
+    /// A connection task that panics still tells the mesh its connection is gone.
+    #[tokio::test]
+    async fn panicking_connection_task_reports_its_end() {
+        let (tx, mut rx) = queue::channel::<ToMesh>(4, 1 << 16);
+        let remote = PeerName::from_u64(9);
+        let task = tokio::spawn(async move {
+            let _guard = CloseGuard {
+                id: 3,
+                remote,
+                to_mesh: Some(tx),
+            };
+            let n = "x".len();
+            assert_eq!(n, 2, "a bug in the connection task");
+        });
+        assert!(task.await.is_err_and(|e| e.is_panic()));
+        match rx.recv().await {
+            Some(ToMesh::Closed {
+                id: 3,
+                remote: r,
+                error: Some(why),
+            }) => {
+                assert_eq!(r, remote);
+                assert_eq!(why, "connection task panicked");
+            }
+            _ => panic!("expected Closed"),
+        }
+        // A disarmed guard says nothing (the task reported its end itself).
+        let (tx, mut rx) = queue::channel::<ToMesh>(4, 1 << 16);
+        drop(CloseGuard {
+            id: 4,
+            remote,
+            to_mesh: None,
+        });
+        drop(tx);
+        assert!(rx.recv().await.is_none());
+    }
+
     fn live(udp_encrypted: bool) -> Live {
-        let (tx, _rx) = mpsc::channel(1);
+        let (tx, _rx) = queue::channel(1, 1);
         Live {
             id: 1,
             tx,
@@ -1479,6 +1679,7 @@ mod tests {
     fn connection_line(s: ConnectionStatus) -> String {
         let snap = StatusSnapshot {
             ready: true,
+            failed: None,
             version: "x".into(),
             router: crate::status::RouterStatus {
                 connections: vec![s],
@@ -1577,6 +1778,7 @@ mod tests {
     fn snapshot(n: u64, port: u16) -> StatusSnapshot {
         StatusSnapshot {
             ready: true,
+            failed: None,
             version: "test".into(),
             router: crate::status::RouterStatus::alone(
                 &PeerName::from_u64(n).to_string(),
@@ -1724,25 +1926,10 @@ mod tests {
             rx_b.borrow().router.targets,
             vec![format!("127.0.0.1:{pa}")]
         );
-        // Route updates may come first; the connection itself must follow.
-        let mut event = a.events.recv().await;
-        while let Some(MeshEvent::Routes(_)) = event {
-            event = a.events.recv().await;
-        }
-        match event {
-            Some(MeshEvent::ConnectionUp {
-                remote,
-                outbound,
-                keys,
-                udp_encrypted,
-                ..
-            }) => {
-                assert_eq!(remote, PeerName::from_u64(2));
-                assert!(!outbound && udp_encrypted);
-                assert_eq!(keys.map(|k| k.epoch), Some(0));
-            }
-            other => panic!("expected ConnectionUp, got {other:?}"),
-        }
+        // The data plane's view of the connection.
+        let link = next_link(&mut a.view, PeerName::from_u64(2), None).await;
+        assert!(!link.outbound && link.udp_encrypted);
+        assert_eq!(link.keys.map(|k| k.epoch), Some(0));
 
         // Wrong password: refused, with the reason on the dialler's target.
         let (tx_c, mut rx_c) = watch::channel(snapshot(3, pc));
@@ -1783,23 +1970,25 @@ mod tests {
         }
     }
 
-    /// The next `ConnectionUp` on `events` (other events may come first): (remote, conn UID,
-    /// UDP encrypted).
-    async fn next_connection_up(
-        events: &mut mpsc::UnboundedReceiver<MeshEvent>,
-    ) -> (PeerName, u64, bool) {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(20), events.recv()).await {
-                Ok(Some(MeshEvent::ConnectionUp {
-                    remote,
-                    conn_uid,
-                    udp_encrypted,
-                    ..
-                })) => return (remote, conn_uid, udp_encrypted),
-                Ok(Some(_)) => {}
-                other => panic!("expected ConnectionUp, got {other:?}"),
-            }
-        }
+    /// The data plane's link to `peer` once there is one whose connection UID is not `not_uid`.
+    async fn next_link(
+        view: &mut watch::Receiver<DataPlaneView>,
+        peer: PeerName,
+        not_uid: Option<u64>,
+    ) -> PeerLink {
+        let link = tokio::time::timeout(
+            Duration::from_secs(20),
+            view.wait_for(|v| {
+                v.peers
+                    .get(&peer)
+                    .is_some_and(|l| Some(l.conn_uid) != not_uid)
+            }),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|v| v.peers.get(&peer).cloned());
+        link.unwrap_or_else(|| panic!("no link to {peer} in {:#?}", view.borrow()))
     }
 
     fn overlay(peer: PeerName, conn_uid: u64, established: bool, timed_out: bool) -> OverlayStatus {
@@ -1845,15 +2034,15 @@ mod tests {
         let mut a = start(config_a, tx_a).await.expect("mesh a");
         let mut b = start(config_b, tx_b).await.expect("mesh b");
 
-        let (remote, uid_a, udp_encrypted) = next_connection_up(&mut a.events).await;
-        assert_eq!(remote, nb);
+        let link_a = next_link(&mut a.view, nb, None).await;
+        let uid_a = link_a.conn_uid;
         assert!(
-            !udp_encrypted,
+            !link_a.udp_encrypted,
             "both ends trust each other: UDP in plaintext"
         );
-        let (remote, uid_b, udp_encrypted) = next_connection_up(&mut b.events).await;
-        assert_eq!(remote, na);
-        assert!(!udp_encrypted);
+        let link_b = next_link(&mut b.view, na, None).await;
+        let uid_b = link_b.conn_uid;
+        assert!(!link_b.udp_encrypted);
         assert_eq!(uid_a, uid_b, "one connection UID for both ends");
         let pending = |s: &StatusSnapshot| {
             s.router.connections.len() == 1
@@ -1940,8 +2129,7 @@ mod tests {
         })
         .await;
         assert_eq!(rx_b.borrow().router.termination_count, 1);
-        let (remote, uid, _) = next_connection_up(&mut b.events).await;
-        assert_eq!(remote, na);
+        let uid = next_link(&mut b.view, na, Some(uid_b)).await.conn_uid;
         assert_ne!(uid, uid_b, "a new connection");
         wait_for(&mut rx_b, "b pending again", pending).await;
         for m in [&a, &b] {

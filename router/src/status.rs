@@ -20,8 +20,11 @@ pub const VERSION_CHECK_DISABLED: &str = "version check update disabled";
 /// Everything `/status*` and `/report` show.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatusSnapshot {
-    /// False while components are still starting: `/status*` then answer 503.
+    /// False while components are still starting (until the data plane's capture is open) and
+    /// once one has failed: `/status*` then answer 503.
     pub ready: bool,
+    /// The part of the router that ended (the router is on its way out, to be restarted).
+    pub failed: Option<String>,
     /// Release string, e.g. `2.8.1`.
     pub version: String,
     pub router: RouterStatus,
@@ -276,6 +279,13 @@ pub fn render_status(s: &StatusSnapshot) -> String {
         "Version",
         format!("{} ({VERSION_CHECK_DISABLED})", s.version),
     );
+    if !s.ready {
+        let why = match &s.failed {
+            Some(f) => format!("not ready: {f}"),
+            None => "not ready: starting".to_string(),
+        };
+        field(&mut out, "Status", why);
+    }
     out.push('\n');
     field(&mut out, "Service", "router");
     let protocol = if r.protocol_min_version == r.protocol_max_version {
@@ -388,6 +398,9 @@ pub fn render_peers(s: &StatusSnapshot) -> String {
 pub fn report(s: &StatusSnapshot) -> Value {
     let mut report = serde_json::Map::new();
     report.insert("Ready".into(), Value::Bool(s.ready));
+    if let Some(f) = &s.failed {
+        report.insert("Failed".into(), Value::String(f.clone()));
+    }
     report.insert("Version".into(), Value::String(s.version.clone()));
     report.insert(
         "VersionCheck".into(),
@@ -412,6 +425,7 @@ mod tests {
     fn alone() -> StatusSnapshot {
         StatusSnapshot {
             ready: true,
+            failed: None,
             version: "2.8.1".into(),
             router: RouterStatus::alone("8a:3e:3e:3e:3e:3e", "nicknamington", 6783, 42, 7),
             proxy: None,
@@ -433,6 +447,26 @@ mod tests {
  TrustedSubnets: none
 ";
         assert_eq!(render_status(&alone()), want);
+    }
+
+    #[test]
+    fn status_says_why_not_ready() {
+        let mut s = alone();
+        s.ready = false;
+        let starting = render_status(&s);
+        assert!(
+            starting.starts_with(
+                "        Version: 2.8.1 (version check update disabled)\n         Status: not ready: starting\n\n        Service: router\n"
+            ),
+            "{starting}"
+        );
+        s.failed = Some("data plane ended: capture closed".into());
+        assert!(render_status(&s)
+            .contains("         Status: not ready: data plane ended: capture closed\n"));
+        let r = report(&s);
+        assert_eq!(r["Ready"], json!(false));
+        assert_eq!(r["Failed"], json!("data plane ended: capture closed"));
+        assert!(report(&alone()).get("Failed").is_none());
     }
 
     #[test]

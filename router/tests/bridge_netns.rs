@@ -234,6 +234,8 @@ fn iptables_rules_are_idempotent_and_removable() {
         assert_eq!(
             ours,
             [
+                // Weave's: containers on docker0 never reach weave's.
+                "-A FORWARD -i docker0 -o weave -j DROP",
                 "-A FORWARD -i weave -o weave -j ACCEPT",
                 "-A FORWARD -o weave -j WEAVE-EXPOSE",
                 "-A FORWARD -i weave ! -o weave -j ACCEPT",

@@ -12,7 +12,7 @@ use super::{
     WEAVEWAIT_ENTRYPOINT,
 };
 use crate::cidr::{parse_weave_cidr, WeaveCidr};
-use crate::hostname::HostnameRule;
+use crate::rewrite::hostname::HostnameRule;
 
 /// Docker's limit for `Hostname` + `.` + `Domainname`.
 const MAX_DOCKER_HOSTNAME: usize = 64;

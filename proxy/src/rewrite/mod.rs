@@ -4,6 +4,7 @@
 
 mod create;
 mod exec;
+pub mod hostname;
 mod inspect;
 mod start;
 

@@ -63,7 +63,7 @@ fn rewrite_host_config(
 #[allow(clippy::unwrap_used)] // tests may panic on bad fixtures
 mod tests {
     use super::*;
-    use crate::hostname::HostnameRule;
+    use crate::rewrite::hostname::HostnameRule;
     use serde_json::json;
     use std::net::Ipv4Addr;
     use std::path::PathBuf;

@@ -3,7 +3,7 @@
 //! `now`, when to send what. The router shell turns [`GossipAction`]s into
 //! [`Message`]s to neighbours chosen by [`choose_neighbours`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use rand_core::RngCore;
@@ -16,6 +16,12 @@ use super::peer::PeerName;
 pub const GOSSIP_INTERVAL: Duration = Duration::from_secs(30);
 /// Local changes are coalesced for this long before being gossiped.
 pub const ON_CHANGE_DELAY: Duration = Duration::from_secs(1);
+/// Largest payload of one gossip message on any channel but topology (whose full state grows
+/// with the mesh, bounded by the frame size). Larger ones are dropped when decoded.
+pub const MAX_GOSSIP_PAYLOAD: usize = 1 << 20;
+/// Payload digests the surrogate filter remembers at most (oldest forgotten first): about
+/// 100 bytes each.
+pub const MAX_SURROGATE_ENTRIES: usize = 16 * 1024;
 
 /// State replicated by gossip. Payloads are opaque bytes to the gossip layer.
 pub trait GossipData {
@@ -220,16 +226,26 @@ pub fn choose_neighbours<R: RngCore>(
 }
 
 /// For channels this peer does not run (spec §3.1 "surrogate"): relay gossip unless an
-/// identical payload was seen within the gossip interval.
+/// identical payload was seen within the gossip interval. Digests expire in the order they were
+/// recorded, so each message costs O(1) (amortised) besides hashing its payload, and at most
+/// [`MAX_SURROGATE_ENTRIES`] are kept.
 #[derive(Debug, Default)]
 pub struct SurrogateFilter {
     seen: HashMap<[u8; 32], Instant>,
+    /// The keys of `seen`, oldest first.
+    order: VecDeque<([u8; 32], Instant)>,
+    evicted: u64,
 }
 
 impl SurrogateFilter {
     pub fn should_relay(&mut self, now: Instant, channel: &str, payload: &[u8]) -> bool {
-        self.seen
-            .retain(|_, t| now.saturating_duration_since(*t) < GOSSIP_INTERVAL);
+        while let Some((key, t)) = self.order.front() {
+            if now.saturating_duration_since(*t) < GOSSIP_INTERVAL {
+                break;
+            }
+            self.seen.remove(key);
+            self.order.pop_front();
+        }
         let mut h = Sha256::new();
         h.update(channel.as_bytes());
         h.update([0]);
@@ -238,8 +254,29 @@ impl SurrogateFilter {
         if self.seen.contains_key(&key) {
             return false;
         }
+        if self.order.len() >= MAX_SURROGATE_ENTRIES {
+            if let Some((old, _)) = self.order.pop_front() {
+                self.seen.remove(&old);
+                self.evicted += 1;
+            }
+        }
         self.seen.insert(key, now);
+        self.order.push_back((key, now));
         true
+    }
+
+    /// Digests remembered now.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Digests forgotten before their time because the filter was full.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
     }
 }
 
@@ -303,6 +340,22 @@ mod tests {
         assert!(!f.should_relay(t0 + Duration::from_secs(1), "IPallocation", b"x"));
         assert!(f.should_relay(t0, "nameserver", b"x"));
         assert!(f.should_relay(t0 + GOSSIP_INTERVAL, "IPallocation", b"x"));
+        assert_eq!(f.len(), 1, "expired digests are gone");
+    }
+
+    #[test]
+    fn surrogate_is_bounded_oldest_out() {
+        let t0 = Instant::now();
+        let mut f = SurrogateFilter::default();
+        for i in 0..MAX_SURROGATE_ENTRIES + 10 {
+            assert!(f.should_relay(t0, "c", &i.to_be_bytes()));
+        }
+        assert_eq!(f.len(), MAX_SURROGATE_ENTRIES);
+        assert_eq!(f.evicted(), 10);
+        // The oldest were forgotten, the newest are still deduplicated.
+        assert!(f.should_relay(t0, "c", &0usize.to_be_bytes()));
+        let newest = MAX_SURROGATE_ENTRIES + 9;
+        assert!(!f.should_relay(t0, "c", &newest.to_be_bytes()));
     }
 
     proptest! {
