@@ -39,10 +39,14 @@ fuzz_target!(|data: &[u8]| {
         let mut out = Vec::new();
         control.write_body(&mut out, encrypted);
         match control {
-            // The padding of a probe is not read, only its length.
+            // The padding of a probe is not read, only its length; nor that of a frag test.
             Control::PmtuProbe { .. } => {
                 assert_eq!(out.len(), body.len());
-                assert_eq!(out[..2], body[..2]);
+                assert_eq!(out[..6], body[..6]);
+            }
+            Control::FragTest { .. } => {
+                assert_eq!(out.len(), body.len());
+                assert_eq!(out[..4], body[..4]);
             }
             _ => assert_eq!(out, body),
         }
@@ -58,19 +62,28 @@ fuzz_target!(|data: &[u8]| {
             established: selector & 0x20 != 0,
         },
         // Probes are as long as the MTU they test; the fuzzer's inputs stay small.
-        2 => Control::PmtuProbe { mtu: mtu % 4096 },
-        3 => Control::PmtuAck { mtu },
-        4 => Control::FragTest,
-        _ => Control::FragAck,
+        2 => Control::PmtuProbe {
+            id: word as u32,
+            mtu: mtu % 4096,
+        },
+        3 => Control::PmtuAck {
+            id: word as u32,
+            mtu,
+        },
+        4 => Control::FragTest { id: word as u32 },
+        5 => Control::FragAck { id: word as u32 },
+        _ => Control::KeyReady {
+            ack: selector & 0x10 != 0,
+        },
     };
     let mut out = Vec::new();
     control.write_body(&mut out, encrypted);
     assert_eq!(Control::parse(control.kind(), &out, encrypted), Ok(control));
-    if let Control::PmtuProbe { mtu } = control {
+    if let Control::PmtuProbe { mtu, .. } = control {
         let tag = if encrypted { codec::TAG_LEN } else { 0 };
         let datagram = HEADER_LEN + out.len() + tag;
         assert!(
-            datagram == codec::datagram_len_for_mtu(mtu, encrypted) || out.len() == 2,
+            datagram == codec::datagram_len_for_mtu(mtu, encrypted) || out.len() == 6,
             "a probe fills the datagram it tests"
         );
     }
