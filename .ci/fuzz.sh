@@ -6,6 +6,7 @@
 #   bash .ci/fuzz.sh                  # CI: every target for FUZZ_SECONDS (default 10) each
 #   bash .ci/fuzz.sh --long 3600      # a longer run, corpus kept under target/fuzz/corpus
 #   bash .ci/fuzz.sh --long 600 gro   # only some targets
+#   FUZZ_RUNS=10000000 bash .ci/fuzz.sh --long 3600   # stop each at 10 million executions
 #
 # Stable Rust only: plain cargo, with libFuzzer's coverage instrumentation (the sancov pass and
 # flags that cargo-fuzz would pass) added by .ci/fuzz-rustc, so neither nightly nor cargo-fuzz
@@ -76,7 +77,7 @@ for crate in "${CRATES[@]}"; do
     status=0
     # The seeds directory is read too (but new inputs only go into the first directory).
     "$BIN/$target" "$corpus" "$seeds" \
-      -max_total_time="$SECONDS_EACH" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
+      -max_total_time="$SECONDS_EACH" -runs="${FUZZ_RUNS:--1}" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
       -artifact_prefix="$ARTIFACTS/$target-" -print_final_stats=1 >"$log" 2>&1 || status=$?
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     secs=$(sed -n 's/^Done \([0-9]*\) runs in \([0-9]*\) second.*/\2/p' "$log" | tail -1)
