@@ -11,20 +11,13 @@ use libfuzzer_sys::fuzz_target;
 use weave_proxy::head::{fix_bare_lf, parse_request_head, response_head_end, HeadParse, Header};
 
 fuzz_target!(|data: &[u8]| {
+    check_head(data);
+    check_fix_bare_lf(data);
+});
+
+fn check_head(data: &[u8]) {
     if let HeadParse::Complete(head) = parse_request_head(data) {
         assert!(head.len <= data.len());
-        let encoded = head.encode_for_upstream();
-        let HeadParse::Complete(again) = parse_request_head(&encoded) else {
-            panic!(
-                "re-encoded head does not parse: {:?}",
-                String::from_utf8_lossy(&encoded)
-            );
-        };
-        assert_eq!(again.len, encoded.len());
-        assert_eq!(
-            (&again.method, &again.target, again.minor_version),
-            (&head.method, &head.target, head.minor_version)
-        );
         let mut want: Vec<Header> = head
             .headers
             .iter()
@@ -45,11 +38,30 @@ fuzz_target!(|data: &[u8]| {
             name: "Connection".into(),
             value: b"close".to_vec(),
         });
+        // The parser takes at most 128 headers; dockerd, which gets the re-encoded head, has
+        // no such limit, so one more (the added Connection) is fine but cannot be checked here.
+        if want.len() > 128 {
+            return;
+        }
+        let encoded = head.encode_for_upstream();
+        let HeadParse::Complete(again) = parse_request_head(&encoded) else {
+            panic!(
+                "re-encoded head does not parse: {:?}",
+                String::from_utf8_lossy(&encoded)
+            );
+        };
+        assert_eq!(again.len, encoded.len());
+        assert_eq!(
+            (&again.method, &again.target, again.minor_version),
+            (&head.method, &head.target, head.minor_version)
+        );
         assert_eq!(again.headers, want);
         assert_eq!(again.wants_raw_hijack(), head.wants_raw_hijack());
         assert_eq!(again.path(), head.path());
     }
+}
 
+fn check_fix_bare_lf(data: &[u8]) {
     let fixed = fix_bare_lf(data);
     let mut previous = 0u8;
     for &b in &fixed {
@@ -72,7 +84,7 @@ fuzz_target!(|data: &[u8]| {
             "the first blank line ends it"
         );
     }
-});
+}
 
 fn strip_cr_before_lf(b: &[u8]) -> Vec<u8> {
     b.iter()
