@@ -588,17 +588,10 @@ const ITEM_OVERHEAD: usize = 64;
 fn message_weight(msg: &Message) -> usize {
     ITEM_OVERHEAD
         + match msg {
-            Message::Gossip {
-                channel, payload, ..
-            }
-            | Message::GossipBroadcast {
-                channel, payload, ..
-            }
-            | Message::GossipUnicast {
-                channel, payload, ..
-            } => channel.len() + payload.len(),
             Message::OverlayControl { body, .. } => body.len(),
-            Message::Heartbeat | Message::Unknown(_) => 0,
+            other => other
+                .gossip()
+                .map_or(0, |(channel, payload)| channel.len() + payload.len()),
         }
 }
 
@@ -627,17 +620,8 @@ impl Weigh for ToMesh {
 /// connection task), before it takes room in the mesh task's queue. Returns the message if it
 /// may pass.
 fn within_gossip_cap(msg: Message, remote: PeerName) -> Option<Message> {
-    let (channel, len) = match &msg {
-        Message::Gossip {
-            channel, payload, ..
-        }
-        | Message::GossipBroadcast {
-            channel, payload, ..
-        }
-        | Message::GossipUnicast {
-            channel, payload, ..
-        } => (channel.as_str(), payload.len()),
-        _ => return Some(msg),
+    let Some((channel, len)) = msg.gossip().map(|(c, p)| (c, p.len())) else {
+        return Some(msg);
     };
     if channel == TOPOLOGY_CHANNEL || len <= MAX_GOSSIP_PAYLOAD {
         return Some(msg);

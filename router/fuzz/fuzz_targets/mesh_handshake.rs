@@ -16,37 +16,14 @@ use std::time::Instant;
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use rand_core::{CryptoRng, RngCore};
 use weave_router::mesh::handshake::{
     Established, Handshake, HandshakeConfig, HandshakeError, KdfParams, Progress,
 };
 use weave_router::mesh::peer::{PeerName, PeerUid};
 
-/// Deterministic (the input picks the seed), so every crash replays. Only for fuzzing.
-struct FuzzRng(u64);
-
-impl RngCore for FuzzRng {
-    fn next_u32(&mut self) -> u32 {
-        self.next_u64() as u32
-    }
-    fn next_u64(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        rand_core::impls::fill_bytes_via_next(self, dest)
-    }
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> std::result::Result<(), rand_core::Error> {
-        self.fill_bytes(dest);
-        Ok(())
-    }
-}
-
-impl CryptoRng for FuzzRng {}
+#[path = "fuzz_rng.rs"]
+mod fuzz_rng;
+use fuzz_rng::FuzzRng;
 
 /// Configs of peer 1 and peer 2: no password, password "a", password "b" (stretched once).
 fn configs() -> &'static [[HandshakeConfig; 2]; 3] {

@@ -81,6 +81,24 @@ pub enum Message {
     Unknown(u8),
 }
 
+impl Message {
+    /// The channel and payload of any of the three gossip kinds.
+    pub fn gossip(&self) -> Option<(&str, &[u8])> {
+        match self {
+            Message::Gossip {
+                channel, payload, ..
+            }
+            | Message::GossipBroadcast {
+                channel, payload, ..
+            }
+            | Message::GossipUnicast {
+                channel, payload, ..
+            } => Some((channel, payload)),
+            Message::Heartbeat | Message::OverlayControl { .. } | Message::Unknown(_) => None,
+        }
+    }
+}
+
 enum Wire {
     App(Message),
     Rekey { epoch: u32, public: [u8; 32] },
