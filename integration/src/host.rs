@@ -513,6 +513,22 @@ impl Host {
         self.docker_cmd(client, Via::Proxy).args(args).run()
     }
 
+    /// Starts a detached, long-running busybox container at `cidr` through the weave proxy.
+    pub fn run_woven_sleeper(&self, name: &str, cidr: &str) -> Result<()> {
+        let env = format!("WEAVE_CIDR={cidr}");
+        self.docker_proxy([
+            "run", "-d", "--name", name, "-e", &env, "busybox", "sleep", "100000",
+        ])?
+        .ok()
+        .with_context(|| {
+            format!(
+                "docker run {name} ({cidr}) through the proxy of {}",
+                self.name
+            )
+        })?;
+        Ok(())
+    }
+
     /// Writes a `docker build` context (a Dockerfile) in the host's directory; returns its path,
     /// valid inside the host too.
     pub fn build_context(&self, name: &str, dockerfile: &str) -> Result<PathBuf> {

@@ -85,18 +85,7 @@ fn only_root_and_the_docker_group_change_the_network() -> Result<()> {
     host.scenario(|h| {
         h.weave(["launch"])?.ok()?;
         docker_ping(&h.proxy_socket())?;
-        h.docker_proxy([
-            "run",
-            "-d",
-            "--name",
-            "aa",
-            "-e",
-            "WEAVE_CIDR=10.35.4.1/24",
-            "busybox",
-            "sleep",
-            "100000",
-        ])?
-        .ok()?;
+        h.run_woven_sleeper("aa", "10.35.4.1/24")?;
         let (id, pid) = container_id_and_pid(h, "aa")?;
         let group = h
             .sh("stat -c %g /var/run/docker.sock")?

@@ -22,22 +22,6 @@ use weave_integration::{
     eventually, never, patience, quiet_period, Background, Cluster, Host, Out, UNDERLAY_IFACE,
 };
 
-const SLEEPER: [&str; 3] = ["busybox", "sleep", "100000"];
-
-/// A detached, long-running busybox container at `cidr`, started through the proxy of `h`.
-fn container(h: &Host, name: &str, cidr: &str) -> Result<()> {
-    let env = format!("WEAVE_CIDR={cidr}");
-    let mut args = vec!["run", "-d", "--name", name, "-e", &env];
-    args.extend(SLEEPER);
-    h.docker_proxy(&args)?.ok().with_context(|| {
-        format!(
-            "docker run {name} ({cidr}) through the proxy of {}",
-            h.name()
-        )
-    })?;
-    Ok(())
-}
-
 /// One ping from container `from` on `h` to `target`.
 fn ping(h: &Host, from: &str, target: &str) -> Result<Out> {
     h.docker(["exec", from, "ping", "-c1", "-W1", target])
@@ -116,8 +100,8 @@ fn traffic_is_relayed_when_hosts_cannot_reach_each_other() -> Result<()> {
         launch(h3, &[&a2])?;
         wait_established(h2, &a1)?;
         wait_established(h3, &a2)?;
-        container(h1, "relay-left", "10.35.1.1/24")?;
-        container(h3, "relay-right", "10.35.1.3/24")?;
+        h1.run_woven_sleeper("relay-left", "10.35.1.1/24")?;
+        h3.run_woven_sleeper("relay-right", "10.35.1.3/24")?;
         wait_ping(h3, "relay-right", "10.35.1.1")?;
         tcp_across(
             (h1, "relay-left"),
@@ -149,10 +133,10 @@ fn wrong_password_keeps_hosts_apart_but_each_host_works() -> Result<()> {
         let a1 = addr(h1)?;
         launch(h1, &["--password", "s3cret"])?;
         launch(h2, &["--password", "wrong", &a1])?;
-        container(h1, "pw-one", "10.35.1.1/24")?;
-        container(h1, "pw-two", "10.35.1.2/24")?;
-        container(h2, "pw-three", "10.35.1.3/24")?;
-        container(h2, "pw-four", "10.35.1.4/24")?;
+        h1.run_woven_sleeper("pw-one", "10.35.1.1/24")?;
+        h1.run_woven_sleeper("pw-two", "10.35.1.2/24")?;
+        h2.run_woven_sleeper("pw-three", "10.35.1.3/24")?;
+        h2.run_woven_sleeper("pw-four", "10.35.1.4/24")?;
         // Each host on its own still works.
         wait_ping(h1, "pw-one", "10.35.1.2")?;
         wait_ping(h2, "pw-three", "10.35.1.4")?;
@@ -185,8 +169,8 @@ fn capture_across(launch_args: &[&str]) -> Result<Vec<u8>> {
     cluster.scenario(|c| {
         let (h1, h2) = (c.host(0), c.host(1));
         launch_pair_with(h1, h2, launch_args)?;
-        container(h1, "wire-left", "10.35.1.1/24")?;
-        container(h2, "wire-right", "10.35.1.2/24")?;
+        h1.run_woven_sleeper("wire-left", "10.35.1.1/24")?;
+        h2.run_woven_sleeper("wire-right", "10.35.1.2/24")?;
         wait_ping(h2, "wire-right", "10.35.1.1")?;
 
         let file = h1.dir().join("underlay.pcap");
@@ -315,8 +299,8 @@ fn traffic_resumes_after_router_restart() -> Result<()> {
         let args2 = ["--password", "s3cret", a1.as_str()];
         launch(h1, &["--password", "s3cret"])?;
         launch(h2, &args2)?;
-        container(h1, "rs-left", "10.35.1.1/24")?;
-        container(h2, "rs-right", "10.35.1.2/24")?;
+        h1.run_woven_sleeper("rs-left", "10.35.1.1/24")?;
+        h2.run_woven_sleeper("rs-right", "10.35.1.2/24")?;
         wait_ping(h2, "rs-right", "10.35.1.1")?;
 
         h2.weave(["stop"])?.ok().context("weave stop on h2")?;
@@ -338,7 +322,7 @@ fn traffic_resumes_after_router_restart() -> Result<()> {
             "after-restart",
         )?;
         // A container started after the restart is reachable too.
-        container(h2, "rs-late", "10.35.1.3/24")?;
+        h2.run_woven_sleeper("rs-late", "10.35.1.3/24")?;
         wait_ping(h1, "rs-left", "10.35.1.3")?;
         Ok(())
     })
@@ -382,8 +366,8 @@ fn udp_crosses_hosts() -> Result<()> {
         let a1 = addr(h1)?;
         launch(h1, &[])?;
         launch(h2, &[&a1])?;
-        container(h1, "udp-left", "10.35.1.1/24")?;
-        container(h2, "udp-right", "10.35.1.2/24")?;
+        h1.run_woven_sleeper("udp-left", "10.35.1.1/24")?;
+        h2.run_woven_sleeper("udp-right", "10.35.1.2/24")?;
         wait_ping(h2, "udp-right", "10.35.1.1")?;
         let server = udp_server(h1, "udp-left", 5555)?;
         // busybox has no UDP nc: its tftp client sends a read request, a UDP datagram holding
@@ -429,9 +413,9 @@ fn subnets_stay_isolated_across_hosts() -> Result<()> {
         let a1 = addr(h1)?;
         launch(h1, &[])?;
         launch(h2, &[&a1])?;
-        container(h1, "iso-left", "10.35.1.1/24")?;
-        container(h2, "iso-same", "10.35.1.2/24")?;
-        container(h2, "iso-other", "10.35.2.1/24")?;
+        h1.run_woven_sleeper("iso-left", "10.35.1.1/24")?;
+        h2.run_woven_sleeper("iso-same", "10.35.1.2/24")?;
+        h2.run_woven_sleeper("iso-other", "10.35.2.1/24")?;
         // Control: the same subnet crosses hosts.
         wait_ping(h2, "iso-same", "10.35.1.1")?;
         never_pings(h2, "iso-other", "10.35.1.1", "another subnet")?;
@@ -467,8 +451,8 @@ fn tcp_fits_itself_to_a_smaller_underlay_mtu() -> Result<()> {
                 .ok()?;
         }
         launch_pair_with(h1, h2, &[])?;
-        container(h1, "big-server", "10.35.1.1/24")?;
-        container(h2, "big-client", "10.35.1.2/24")?;
+        h1.run_woven_sleeper("big-server", "10.35.1.1/24")?;
+        h2.run_woven_sleeper("big-client", "10.35.1.2/24")?;
         wait_ping(h2, "big-client", "10.35.1.1")?;
         // busybox nc: the server sends and hangs up; the client keeps its stdin open (sleep) so
         // that it does not hang up first, and gives up after 6 s if the transfer stalls.
@@ -565,8 +549,8 @@ fn routes_switch_back_to_direct_when_the_underlay_heals() -> Result<()> {
         wait_established(h2, &a1)?;
         wait_established(h3, &a2)?;
         let (n1, n2, n3) = (peer_name(h1)?, peer_name(h2)?, peer_name(h3)?);
-        container(h1, "heal-left", "10.35.1.1/24")?;
-        container(h3, "heal-right", "10.35.1.3/24")?;
+        h1.run_woven_sleeper("heal-left", "10.35.1.1/24")?;
+        h3.run_woven_sleeper("heal-right", "10.35.1.3/24")?;
         wait_ping(h1, "heal-left", "10.35.1.3")?;
         wait_ping(h3, "heal-right", "10.35.1.1")?;
         // Relayed: no direct connection, and each routes to the other via h2.
@@ -648,8 +632,8 @@ fn big_pings_cross_an_underlay_that_drops_ip_fragments() -> Result<()> {
             }
         }
         launch_pair_with(h1, h2, &[])?;
-        container(h1, "frag-left", "10.35.1.1/24")?;
-        container(h2, "frag-right", "10.35.1.2/24")?;
+        h1.run_woven_sleeper("frag-left", "10.35.1.1/24")?;
+        h2.run_woven_sleeper("frag-right", "10.35.1.2/24")?;
         wait_ping(h2, "frag-right", "10.35.1.1")?;
         eventually("ping -s 8000 across", patience(), || {
             h2.docker([

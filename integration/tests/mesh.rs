@@ -246,30 +246,8 @@ fn containers_talk_across(password: Option<&str>) -> Result<()> {
     cluster.scenario(|c| {
         let (h1, h2) = (c.host(0), c.host(1));
         launch_pair(h1, h2, password)?;
-        h1.docker_proxy([
-            "run",
-            "-d",
-            "--name",
-            "left",
-            "-e",
-            "WEAVE_CIDR=10.35.1.1/24",
-            "busybox",
-            "sleep",
-            "100000",
-        ])?
-        .ok()?;
-        h2.docker_proxy([
-            "run",
-            "-d",
-            "--name",
-            "right",
-            "-e",
-            "WEAVE_CIDR=10.35.1.2/24",
-            "busybox",
-            "sleep",
-            "100000",
-        ])?
-        .ok()?;
+        h1.run_woven_sleeper("left", "10.35.1.1/24")?;
+        h2.run_woven_sleeper("right", "10.35.1.2/24")?;
         eventually("a ping from h2's container to h1's", patience(), || {
             h2.docker(["exec", "right", "ping", "-c1", "-W1", "10.35.1.1"])?
                 .ok()
@@ -357,18 +335,7 @@ fn trusted_subnets_leave_udp_unencrypted() -> Result<()> {
             (h1, "trust-left", "10.35.1.1/24"),
             (h2, "trust-right", "10.35.1.2/24"),
         ] {
-            h.docker_proxy([
-                "run",
-                "-d",
-                "--name",
-                name,
-                "-e",
-                &format!("WEAVE_CIDR={cidr}"),
-                "busybox",
-                "sleep",
-                "100000",
-            ])?
-            .ok()?;
+            h.run_woven_sleeper(name, cidr)?;
         }
         eventually(
             "a ping between the trusting hosts' containers",

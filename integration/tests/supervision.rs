@@ -36,22 +36,6 @@ fn parse_events(text: &str) -> Vec<Event> {
 const EVENT_FORMAT: &str =
     "{{.Status}} {{.TimeNano}} {{.Actor.Attributes.name}} {{index .Actor.Attributes \"exitCode\"}}";
 
-fn run_sleeper(h: &Host, name: &str, cidr: &str) -> Result<()> {
-    h.docker_proxy([
-        "run",
-        "-d",
-        "--name",
-        name,
-        "-e",
-        &format!("WEAVE_CIDR={cidr}"),
-        "busybox",
-        "sleep",
-        "100000",
-    ])?
-    .ok()?;
-    Ok(())
-}
-
 fn ping(h: &Host, container: &str, ip: &str) -> Result<()> {
     h.docker(["exec", container, "ping", "-c1", "-W1", ip])?
         .ok()
@@ -75,8 +59,8 @@ fn router_exits_when_its_data_plane_dies_and_recovers() -> Result<()> {
     cluster.scenario(|c| {
         let (h1, h2) = (c.host(0), c.host(1));
         launch_pair(h1, h2, Some("s3cret"))?;
-        run_sleeper(h1, "left", "10.36.1.1/24")?;
-        run_sleeper(h2, "right", "10.36.1.2/24")?;
+        h1.run_woven_sleeper("left", "10.36.1.1/24")?;
+        h2.run_woven_sleeper("right", "10.36.1.2/24")?;
         eventually("a ping from h2's container to h1's", patience(), || {
             ping(h2, "right", "10.36.1.1")
         })?;

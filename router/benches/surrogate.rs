@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-use weave_router::mesh::gossip::{SurrogateFilter, GOSSIP_INTERVAL};
+use weave_router::mesh::gossip::{gossip_digest, SurrogateFilter, GOSSIP_INTERVAL};
 
 const ENTRIES: usize = 2000;
 const ROUNDS: usize = 20_000;
@@ -22,11 +21,7 @@ impl SweepingFilter {
     fn should_relay(&mut self, now: Instant, channel: &str, payload: &[u8]) -> bool {
         self.seen
             .retain(|_, t| now.saturating_duration_since(*t) < GOSSIP_INTERVAL);
-        let mut h = Sha256::new();
-        h.update(channel.as_bytes());
-        h.update([0]);
-        h.update(payload);
-        let key: [u8; 32] = h.finalize().into();
+        let key = gossip_digest(channel, payload);
         if self.seen.contains_key(&key) {
             return false;
         }

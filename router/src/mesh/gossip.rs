@@ -3,7 +3,7 @@
 //! `now`, when to send what. The router shell turns [`GossipAction`]s into
 //! [`Message`]s to neighbours chosen by [`choose_neighbours`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use rand_core::RngCore;
@@ -225,14 +225,23 @@ pub fn choose_neighbours<R: RngCore>(
     out
 }
 
+/// What identifies a gossip message for the surrogate filter: its channel and payload.
+pub fn gossip_digest(channel: &str, payload: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(channel.as_bytes());
+    h.update([0]);
+    h.update(payload);
+    h.finalize().into()
+}
+
 /// For channels this peer does not run (spec §3.1 "surrogate"): relay gossip unless an
 /// identical payload was seen within the gossip interval. Digests expire in the order they were
 /// recorded, so each message costs O(1) (amortised) besides hashing its payload, and at most
 /// [`MAX_SURROGATE_ENTRIES`] are kept.
 #[derive(Debug, Default)]
 pub struct SurrogateFilter {
-    seen: HashMap<[u8; 32], Instant>,
-    /// The keys of `seen`, oldest first.
+    seen: HashSet<[u8; 32]>,
+    /// The digests of `seen` with when they were recorded, oldest first.
     order: VecDeque<([u8; 32], Instant)>,
     evicted: u64,
 }
@@ -246,12 +255,8 @@ impl SurrogateFilter {
             self.seen.remove(key);
             self.order.pop_front();
         }
-        let mut h = Sha256::new();
-        h.update(channel.as_bytes());
-        h.update([0]);
-        h.update(payload);
-        let key: [u8; 32] = h.finalize().into();
-        if self.seen.contains_key(&key) {
+        let key = gossip_digest(channel, payload);
+        if self.seen.contains(&key) {
             return false;
         }
         if self.order.len() >= MAX_SURROGATE_ENTRIES {
@@ -260,7 +265,7 @@ impl SurrogateFilter {
                 self.evicted += 1;
             }
         }
-        self.seen.insert(key, now);
+        self.seen.insert(key);
         self.order.push_back((key, now));
         true
     }
