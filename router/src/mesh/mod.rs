@@ -11,7 +11,9 @@
 //! - [`routes`]: deterministic BFS unicast next hops and broadcast fan-out.
 //! - [`gossip`]: the generic gossip layer ([`gossip::GossipData`], [`gossip::GossipChannel`]).
 //! - [`connmaker`]: dial targets, backoff and their status.
+//! - [`app`]: what applications riding the gossip (IPAM, DNS) get from a node and give it.
 
+pub mod app;
 pub mod conn;
 pub mod connmaker;
 pub mod cpace;
