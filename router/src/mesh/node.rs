@@ -309,6 +309,11 @@ impl Node {
         &self.conns
     }
 
+    /// Connections ended since the start.
+    pub fn terminations(&self) -> u64 {
+        self.terminations
+    }
+
     /// The shell's identifier of the connection to `peer`, where messages for it go.
     pub fn conn_id(&self, peer: PeerName) -> Option<u64> {
         self.conns.get(&peer).map(|l| l.id)

@@ -805,8 +805,9 @@ impl SimNet {
         );
     }
 
-    /// Every running node knows the same peers at the same versions, those are exactly the
-    /// running nodes, and each reaches every other over gossip routes.
+    /// Every running node knows the same peers at the same versions and reaches exactly the
+    /// other running nodes over gossip routes. (Entries of stopped or cut-off peers may stay:
+    /// the topology's GC keeps peers reachable over a connection reported in either direction.)
     pub fn converged(&self) -> bool {
         let up: Vec<&Node> = self.hosts.iter().filter_map(|h| h.node.as_ref()).collect();
         let names: BTreeSet<PeerName> = up.iter().map(|n| n.me()).collect();
@@ -820,15 +821,307 @@ impl SimNet {
             return true;
         };
         let reference = fingerprint(first);
-        let known: BTreeSet<PeerName> = reference.iter().map(|p| p.0).collect();
-        known == names
-            && up.iter().all(|n| {
-                fingerprint(n) == reference && n.routes().unicast_all.len() + 1 == names.len()
-            })
+        up.iter().all(|n| {
+            let mut reached: BTreeSet<PeerName> = n.routes().unicast_all.keys().copied().collect();
+            reached.insert(n.me());
+            reached == names && fingerprint(n) == reference
+        })
+    }
+
+    /// Something outside the simulation changed what host `i`'s applications want to send:
+    /// poll them.
+    pub fn touch(&mut self, i: usize) {
+        self.dirty.insert(i);
     }
 
     /// Connections the simulation carries now.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::app::{AppSend, GossipKind, PeerInfo};
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::rc::Rc;
+
+    const LIMIT: Duration = Duration::from_secs(120);
+    const STEP: Duration = Duration::from_millis(100);
+
+    /// `n` nodes, each launched with the previous one as its peer (a chain).
+    fn chain(n: usize, seed: u64) -> SimNet {
+        let mut net = SimNet::new(
+            n,
+            SimConfig {
+                seed,
+                ..SimConfig::default()
+            },
+        );
+        for i in 1..n {
+            net.set_peers(i, vec![i - 1]);
+        }
+        net
+    }
+
+    fn converge(net: &mut SimNet, what: &str) -> Duration {
+        let t0 = net.elapsed();
+        assert!(
+            net.run_until_cond(LIMIT, STEP, SimNet::converged),
+            "{what}: no convergence by {:?}: {net:?}",
+            net.elapsed()
+        );
+        net.elapsed() - t0
+    }
+
+    #[test]
+    fn topology_converges_on_3_and_10_nodes() {
+        for n in [3, 10] {
+            let mut net = chain(n, 7);
+            net.start_all();
+            assert!(!net.converged(), "each knows only itself");
+            let took = converge(&mut net, &format!("{n} nodes"));
+            assert!(took < Duration::from_secs(10), "{n} nodes took {took:?}");
+            // Discovery: every node ends up connected to every other.
+            let done = net.run_until_cond(LIMIT, STEP, |net| {
+                (0..n).all(|i| {
+                    net.node(i)
+                        .is_some_and(|node| node.connections().len() == n - 1)
+                })
+            });
+            assert!(done, "full mesh of {n}");
+            assert!(net.converged());
+            assert!(net.traffic().bytes > 0);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_run() {
+        let run = |seed| {
+            let mut net = chain(6, seed);
+            net.set_loss(0.05);
+            net.start_all();
+            net.run_for(Duration::from_secs(20));
+            (net.traffic().clone(), net.connection_count())
+        };
+        assert_eq!(run(3), run(3));
+        assert_ne!(run(3).0, run(4).0);
+    }
+
+    #[test]
+    fn partition_then_heal() {
+        let mut net = chain(6, 11);
+        net.start_all();
+        converge(&mut net, "start");
+        let (left, right) = ([0, 1, 2], [3, 4, 5]);
+        net.partition(&left, &right);
+        let apart = net.run_until_cond(LIMIT, STEP, |net| {
+            left.iter().all(|&i| {
+                net.node(i).is_some_and(|n| {
+                    right
+                        .iter()
+                        .all(|&j| !n.routes().unicast_all.contains_key(&net.name(j)))
+                })
+            })
+        });
+        assert!(apart, "the sides lose each other");
+        assert!(!net.converged());
+        // Still apart a while later (dials across fail).
+        net.run_for(Duration::from_secs(20));
+        assert!(!net.converged());
+        net.heal();
+        converge(&mut net, "heal");
+        assert_eq!(net.node(0).map(|n| n.topology().len()), Some(6));
+    }
+
+    #[test]
+    fn loss_is_repaired() {
+        let mut net = chain(8, 5);
+        net.set_loss(0.2);
+        net.start_all();
+        converge(&mut net, "20% loss");
+        assert!(net.traffic().lost > 0);
+    }
+
+    #[test]
+    fn restarted_node_rejoins_with_a_new_uid() {
+        let mut net = chain(5, 13);
+        net.start_all();
+        converge(&mut net, "start");
+        let old_uid = net.node(2).map(|n| n.config().uid);
+        net.stop(2);
+        assert!(!net.is_up(2));
+        converge(&mut net, "without node 2");
+        assert!(net
+            .node(0)
+            .is_some_and(|n| n.routes().next_hop_gossip(net.name(2)).is_none()));
+        net.start(2, None);
+        let new_uid = net.node(2).map(|n| n.config().uid);
+        assert_ne!(old_uid, new_uid);
+        converge(&mut net, "node 2 back");
+        let uid_seen = net
+            .node(4)
+            .and_then(|n| n.topology().get(net.name(2)).map(|p| p.uid.0));
+        assert_eq!(uid_seen, new_uid);
+    }
+
+    /// What a toy application saw.
+    #[derive(Debug, Default)]
+    struct ToyLog {
+        got: Vec<(GossipKind, PeerName, Vec<u8>)>,
+        peers: Vec<PeerInfo>,
+    }
+
+    /// Logs what it gets, relays neighbour gossip that is new to it, sends what the test queues.
+    struct Toy {
+        log: Rc<RefCell<ToyLog>>,
+        outbox: Rc<RefCell<VecDeque<AppSend>>>,
+        seen: BTreeSet<Vec<u8>>,
+        relay: VecDeque<AppSend>,
+    }
+
+    impl App for Toy {
+        fn channel(&self) -> &'static str {
+            "toy"
+        }
+
+        fn on_event(&mut self, _now: Instant, event: AppEvent) -> Result<(), String> {
+            match event {
+                AppEvent::Gossip {
+                    kind, src, payload, ..
+                } => {
+                    if payload == b"poison" {
+                        return Err("poisoned".into());
+                    }
+                    if kind == GossipKind::Neighbours && self.seen.insert(payload.clone()) {
+                        self.relay.push_back(AppSend::Neighbours {
+                            payload: payload.clone(),
+                        });
+                    }
+                    self.log.borrow_mut().got.push((kind, src, payload));
+                }
+                AppEvent::Peers(p) => self.log.borrow_mut().peers = p,
+            }
+            Ok(())
+        }
+
+        fn handle_timeout(&mut self, _now: Instant) {}
+
+        fn poll_timeout(&self) -> Option<Instant> {
+            None
+        }
+
+        fn poll_send(&mut self) -> Option<AppSend> {
+            self.relay
+                .pop_front()
+                .or_else(|| self.outbox.borrow_mut().pop_front())
+        }
+    }
+
+    type Handles = Vec<(Rc<RefCell<ToyLog>>, Rc<RefCell<VecDeque<AppSend>>>)>;
+
+    fn with_toys(net: &mut SimNet) -> Handles {
+        (0..net.len())
+            .map(|i| {
+                let log = Rc::new(RefCell::new(ToyLog::default()));
+                let outbox = Rc::new(RefCell::new(VecDeque::new()));
+                net.add_app(
+                    i,
+                    Box::new(Toy {
+                        log: log.clone(),
+                        outbox: outbox.clone(),
+                        seen: BTreeSet::new(),
+                        relay: VecDeque::new(),
+                    }),
+                );
+                (log, outbox)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn toy_app_broadcast_unicast_neighbours() {
+        let n = 10;
+        let mut net = chain(n, 21);
+        // Uneven latencies: delivery must not depend on them.
+        for i in 1..n {
+            net.set_latency(i - 1, i, Duration::from_millis(1 + 3 * i as u64));
+        }
+        let toys = with_toys(&mut net);
+        net.start_all();
+        converge(&mut net, "toys");
+        for (log, _) in &toys {
+            let log = log.borrow();
+            assert_eq!(log.peers.len(), n, "{:?}", log.peers);
+            assert!(log.peers.iter().all(|p| p.reachable));
+        }
+        for (i, (_, outbox)) in toys.iter().enumerate() {
+            let mut o = outbox.borrow_mut();
+            o.push_back(AppSend::Broadcast {
+                payload: format!("b{i}").into_bytes(),
+            });
+            o.push_back(AppSend::Unicast {
+                dst: net.name((i + 1) % n),
+                payload: format!("u{i}").into_bytes(),
+            });
+        }
+        toys[0].1.borrow_mut().push_back(AppSend::Neighbours {
+            payload: b"n0".to_vec(),
+        });
+        for i in 0..n {
+            net.touch(i);
+        }
+        net.run_for(Duration::from_secs(5));
+        for (i, (log, _)) in toys.iter().enumerate() {
+            let log = log.borrow();
+            let mut broadcasts: Vec<String> = log
+                .got
+                .iter()
+                .filter(|g| g.0 == GossipKind::Broadcast)
+                .map(|g| String::from_utf8_lossy(&g.2).into_owned())
+                .collect();
+            broadcasts.sort();
+            let mut want: Vec<String> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| format!("b{j}"))
+                .collect();
+            want.sort();
+            assert_eq!(
+                broadcasts, want,
+                "node {i}: each broadcast once, none of its own"
+            );
+            let from = (i + n - 1) % n;
+            let unicasts: Vec<_> = log
+                .got
+                .iter()
+                .filter(|g| g.0 == GossipKind::Unicast)
+                .collect();
+            assert_eq!(unicasts.len(), 1, "node {i}: {unicasts:?}");
+            assert_eq!(unicasts[0].1, net.name(from));
+            assert_eq!(unicasts[0].2, format!("u{from}").into_bytes());
+            if i != 0 {
+                assert!(
+                    log.got
+                        .iter()
+                        .any(|g| g.0 == GossipKind::Neighbours && g.2 == b"n0"),
+                    "node {i} got the neighbour gossip"
+                );
+            }
+        }
+        // A bad payload: the receiver drops the connection that delivered it.
+        let before = net.node(1).map(Node::terminations);
+        let victim = net.name(0);
+        assert!(net
+            .node(1)
+            .is_some_and(|n| n.connections().contains_key(&victim)));
+        toys[0].1.borrow_mut().push_back(AppSend::Unicast {
+            dst: net.name(1),
+            payload: b"poison".to_vec(),
+        });
+        net.touch(0);
+        net.run_for(Duration::from_millis(50));
+        assert_eq!(net.node(1).map(Node::terminations), before.map(|b| b + 1));
     }
 }
