@@ -33,6 +33,10 @@ use crate::status::{
     BroadcastRoute, ConnectionState, ConnectionStatus, PeerConnection, PeerStatus, UnicastRoute,
 };
 
+/// Routes, GC and the connection maker run at most this often (each pass is linear in the
+/// topology, and while a mesh forms every message changes it): changes in between coalesce.
+pub const MAKER_COALESCE: Duration = Duration::from_millis(50);
+
 /// The topology gossip channel.
 pub const TOPOLOGY_CHANNEL: &str = "topology";
 /// The overlay every connection uses.
@@ -219,10 +223,12 @@ pub struct Node {
     /// When the connection maker last ran: a target due before then and still waiting is held
     /// back by the connection limit, and only an event (which runs it again) can release it.
     last_tick: Instant,
-    /// Something the connection maker's choice depends on changed (direct peers, connections,
-    /// an attempt's outcome) since it last ran. Topology changes and due targets also run it;
-    /// nothing else does, as its pass is linear in the topology.
+    /// Something the connection maker's choice depends on changed (the topology, direct peers,
+    /// connections, an attempt's outcome) since it last ran: it runs again at most
+    /// [`MAKER_COALESCE`] after its last run. Due targets run it at once. Nothing else does.
     maker_dirty: bool,
+    /// The topology changed since routes, GC and the connection maker last ran.
+    topology_dirty: bool,
     view: DataPlaneView,
     /// Application channels, and the peer list they last got.
     channels: BTreeSet<&'static str>,
@@ -284,8 +290,9 @@ impl Node {
             conns: BTreeMap::new(),
             surrogate: SurrogateFilter::default(),
             terminations: 0,
-            last_tick: now,
+            last_tick: now.checked_sub(MAKER_COALESCE).unwrap_or(now),
             maker_dirty: true,
+            topology_dirty: false,
             view: DataPlaneView::default(),
             channels: BTreeSet::new(),
             peers_seen: None,
@@ -558,11 +565,14 @@ impl Node {
 
     /// When [`handle_timeout`](Self::handle_timeout) wants to run next.
     pub fn poll_timeout(&self) -> Instant {
-        let gossip = self.gossip.poll_timeout();
-        match self.maker.poll_timeout().filter(|t| *t > self.last_tick) {
-            Some(t) => t.min(gossip),
-            None => gossip,
+        let mut t = self.gossip.poll_timeout();
+        if let Some(due) = self.maker.poll_timeout().filter(|t| *t > self.last_tick) {
+            t = t.min(due);
         }
+        if self.maker_dirty || self.topology_dirty {
+            t = t.min(self.last_tick + MAKER_COALESCE);
+        }
+        t
     }
 
     pub fn poll_transmit(&mut self) -> Option<(PeerName, Message)> {
@@ -675,21 +685,29 @@ impl Node {
             .collect()
     }
 
-    /// Timers, topology changes, dials, after every event.
+    /// Timers, topology changes, dials, after every event. What is linear in the topology
+    /// (routes, GC, the connection maker) runs at most every [`MAKER_COALESCE`]: while a mesh
+    /// forms, nearly every message changes the topology (Weave's route and connection-maker
+    /// actors coalesce the same way).
     fn after_event(&mut self, now: Instant) {
-        let changes = self.gossip.data_mut().take_changes();
-        let topology_changed = !changes.is_empty();
-        if topology_changed {
+        if !self.gossip.data_mut().take_changes().is_empty() {
+            self.topology_dirty = true;
+        }
+        for action in self.gossip.handle_timeout(now) {
+            let GossipAction::Gossip { payload, exclude } = action;
+            let msg = self.gossip.message(self.me(), payload);
+            self.spread(&msg, exclude);
+        }
+        let due = self
+            .maker
+            .poll_timeout()
+            .is_some_and(|t| t > self.last_tick && t <= now);
+        let coalesced = now < self.last_tick + MAKER_COALESCE;
+        if !(due || (self.maker_dirty || self.topology_dirty) && !coalesced) {
+            return;
+        }
+        if std::mem::take(&mut self.topology_dirty) {
             self.routes = Routes::compute(self.gossip.data());
-            // GC removes the peers we cannot reach even over connections reported the other
-            // way round; when our routes reach every peer there are none (and removing
-            // unreachable peers would not change the routes).
-            if self.routes.unicast_all.len() + 1 < self.gossip.data().len() {
-                let keep: BTreeSet<PeerName> = self.conns.keys().copied().collect();
-                for gone in self.gossip.data_mut().gc(&keep) {
-                    tracing::info!("Removed unreachable peer {}({})", gone.name, gone.nickname);
-                }
-            }
             if self.config.data_plane {
                 let table = RouteTable::compute(self.gossip.data());
                 if self.view.routes != table {
@@ -697,31 +715,43 @@ impl Node {
                     self.events.push_back(Event::ViewChanged);
                 }
             }
-            if !self.channels.is_empty() {
-                let peers = self.peer_infos();
-                if self.peers_seen.as_ref() != Some(&peers) {
-                    for c in &self.channels {
-                        self.app_events
-                            .push_back((c, AppEvent::Peers(peers.clone())));
-                    }
-                    self.peers_seen = Some(peers);
-                }
-            }
-        }
-        for action in self.gossip.handle_timeout(now) {
-            let GossipAction::Gossip { payload, exclude } = action;
-            let msg = self.gossip.message(self.me(), payload);
-            self.spread(&msg, exclude);
-        }
-        let due = self.maker.poll_timeout().is_some_and(|t| t <= now);
-        if !(topology_changed || self.maker_dirty || due) {
-            return;
+            self.gc();
+            self.announce_peers();
         }
         self.maker_dirty = false;
         self.last_tick = now;
         for addr in self.maker.tick(now, self.gossip.data()) {
             tracing::debug!(%addr, "dialling");
             self.events.push_back(Event::Dial(addr));
+        }
+    }
+
+    /// Remove the peers we cannot reach even over connections reported the other way round.
+    /// When our routes reach every peer there are none; removing unreachable peers does not
+    /// change the routes. Runs with the connection maker (coalesced: linear in the topology).
+    fn gc(&mut self) {
+        if self.routes.unicast_all.len() + 1 >= self.gossip.data().len() {
+            return;
+        }
+        let keep: BTreeSet<PeerName> = self.conns.keys().copied().collect();
+        let gone = self.gossip.data_mut().gc(&keep);
+        for p in &gone {
+            tracing::info!("Removed unreachable peer {}({})", p.name, p.nickname);
+        }
+    }
+
+    /// Tell the applications when the peer list changed.
+    fn announce_peers(&mut self) {
+        if self.channels.is_empty() {
+            return;
+        }
+        let peers = self.peer_infos();
+        if self.peers_seen.as_ref() != Some(&peers) {
+            for c in &self.channels {
+                self.app_events
+                    .push_back((c, AppEvent::Peers(peers.clone())));
+            }
+            self.peers_seen = Some(peers);
         }
     }
 
