@@ -14,6 +14,8 @@ pub mod allocator;
 pub mod app;
 pub mod codec;
 pub mod paxos;
+#[cfg(test)]
+mod proptests;
 pub mod ring;
 pub mod space;
 #[cfg(test)]
