@@ -108,6 +108,9 @@ impl Ring {
                     ip(e.token)
                 )));
             }
+        }
+        // `size_of(i)` reads the next token: only once all tokens are known sorted.
+        for (i, e) in self.entries.iter().enumerate() {
             if e.free > self.size_of(i) {
                 return Err(RingError::Invalid(format!(
                     "entry {} reports {} free in a range of {}",
