@@ -17,6 +17,8 @@ pub mod paxos;
 #[cfg(test)]
 mod proptests;
 pub mod ring;
+#[cfg(test)]
+mod simtests;
 pub mod space;
 #[cfg(test)]
 mod tests;
