@@ -478,6 +478,10 @@ pub(crate) struct Cluster {
     /// Which pairs can talk (partition = some false).
     pub link: Vec<Vec<bool>>,
     pub removed: Vec<bool>,
+    /// What each peer last asked to persist.
+    pub saved: Vec<Option<Persisted>>,
+    /// Restarts so far (fresh UIDs).
+    pub restarts: u64,
     /// Connections dropped because of a bad message: (receiver, error)
     pub rejected: Vec<(usize, String)>,
 }
@@ -495,6 +499,8 @@ impl Cluster {
             replies: Vec::new(),
             link: vec![vec![true; n]; n],
             removed: vec![false; n],
+            saved: vec![None; n],
+            restarts: 0,
             rejected: Vec::new(),
         };
         c.pump();
@@ -535,7 +541,7 @@ impl Cluster {
             while let Some(o) = self.peers[i].poll_output() {
                 match o {
                     Output::Reply { id, result } => self.replies.push((i, id, result)),
-                    Output::Persist(_) => {}
+                    Output::Persist(p) => self.saved[i] = Some(p),
                     Output::Send(s) => {
                         if self.removed[i] {
                             continue;
@@ -637,6 +643,25 @@ impl Cluster {
         }
         self.now = end;
         self.settle();
+    }
+
+    /// Peer `i` restarts from what it persisted: a new process (UID), same name and config;
+    /// its waiting requests are gone.
+    pub fn restart(&mut self, i: usize, cfg: Config) {
+        self.restarts += 1;
+        let uid = 1_000_000 + self.restarts;
+        self.peers[i] = Allocator::new(
+            cfg,
+            peer(i as u64 + 1),
+            format!("host{}", i + 1),
+            uid,
+            self.saved[i].clone(),
+            Box::new(TestRng(uid)),
+            self.now,
+        );
+        self.replies.retain(|r| r.0 != i);
+        self.pump();
+        self.tell_peers();
     }
 
     pub fn take_reply(&mut self, i: usize, id: u64) -> Option<Result<Reply, IpamError>> {
