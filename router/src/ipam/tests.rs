@@ -897,3 +897,81 @@ impl Ring {
         self
     }
 }
+
+#[test]
+fn observer_calls_an_election_and_gets_space() {
+    let mut c = Cluster::new(
+        3,
+        |i| {
+            if i == 0 {
+                InitMode::Observer
+            } else {
+                InitMode::Consensus { quorum: 2 }
+            }
+        },
+        "10.32.0.0/12",
+    );
+    // Block delivery for a moment to see the observer's status while it waits.
+    let now = c.now;
+    c.peers[0].allocate(now, RequestId(1), "c1", None);
+    assert_eq!(c.peers[0].status().status, "priming");
+    assert_eq!(c.peers[0].status().paxos, None);
+    c.pump();
+    c.settle();
+    let a = get_addr(c.take_reply(0, 1));
+    let ring = c.peers[0].ring().clone();
+    assert!(
+        !ring.seeds.contains(&peer(1)),
+        "observers get no share at creation: {:?}",
+        ring.seeds
+    );
+    assert_eq!(
+        ring.owner(u64::from(u32::from(a.addr))),
+        Some(peer(1)),
+        "space donated to the observer"
+    );
+    for p in &c.peers {
+        p.check().unwrap();
+    }
+}
+
+#[test]
+fn observer_alone_times_out_saying_why() {
+    let mut c = Cluster::new(2, |_| InitMode::Observer, "10.32.0.0/12");
+    let now = c.now;
+    c.peers[0].prime(now, RequestId(1));
+    c.pump();
+    c.advance(Duration::from_secs(31));
+    let err = c.take_reply(0, 1).unwrap().unwrap_err().to_string();
+    assert!(
+        err.starts_with("waiting for the IP allocation ring: this peer is an observer"),
+        "{err}"
+    );
+}
+
+#[test]
+fn status_lines_per_peer() {
+    let mut c = Cluster::new(
+        3,
+        |_| InitMode::Seed(vec![peer(1), peer(2), peer(3)]),
+        "10.32.0.0/12",
+    );
+    c.peers[1].allocate(c.now, RequestId(1), "c1", None);
+    c.pump();
+    c.removed[2] = true;
+    c.tell_peers();
+    let lines = c.peers[1].status().peer_lines(&peer(2).to_string());
+    assert_eq!(
+        lines,
+        vec![
+            "00:00:00:00:00:02(host2)                262144 IPs (25.0% of total) (1 active)",
+            "00:00:00:00:00:01(host1)                524288 IPs (50.0% of total)",
+            "00:00:00:00:00:03(host3)                262144 IPs (25.0% of total) - unreachable!",
+        ]
+    );
+    let empty = Cluster::new(1, |_| InitMode::Observer, "10.32.0.0/12");
+    assert!(empty.peers[0]
+        .status()
+        .peer_lines(&peer(1).to_string())
+        .is_empty());
+}
