@@ -409,4 +409,19 @@ mod tests {
             Err(DecodeError::Bad("varint"))
         );
     }
+
+    /// The fuzz target's seeds are valid messages (so the fuzzer starts from deep inside).
+    #[test]
+    fn fuzz_seeds_decode() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/ipam_codec");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            let m = Message::decode(&bytes).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            assert_eq!(m.encode(), bytes, "{path:?} is canonical");
+            n += 1;
+        }
+        assert!(n >= 5);
+    }
 }

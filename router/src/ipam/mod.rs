@@ -193,6 +193,49 @@ pub struct IpamStatus {
     pub pending_allocates: Vec<String>,
 }
 
+impl IpamStatus {
+    /// `weave status ipam` (spec §1.11): one line per peer owning addresses, `me` (our peer
+    /// name) first, then by name; empty when there is no ring.
+    pub fn peer_lines(&self, me: &str) -> Vec<String> {
+        let mut per_peer: BTreeMap<&str, (u64, &str, bool)> = BTreeMap::new();
+        for e in &self.entries {
+            let p = per_peer.entry(e.peer.as_str()).or_insert((
+                0,
+                e.nickname.as_str(),
+                e.is_known_peer,
+            ));
+            p.0 += e.size;
+        }
+        let mut peers: Vec<(&str, (u64, &str, bool))> = per_peer.into_iter().collect();
+        peers.sort_by_key(|(name, _)| *name != me);
+        peers
+            .into_iter()
+            .map(|(name, (ips, nick, known))| {
+                let label = if nick.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{name}({nick})")
+                };
+                let pct = if self.range_num_ips == 0 {
+                    0.0
+                } else {
+                    ips as f64 * 100.0 / self.range_num_ips as f64
+                };
+                let info = if name == me {
+                    format!("({} active)", self.active_ips)
+                } else if !known {
+                    "- unreachable!".to_string()
+                } else {
+                    String::new()
+                };
+                format!("{label:<37} {ips:>8} IPs ({pct:04.1}% of total) {info}")
+                    .trim_end()
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct PaxosStatus {

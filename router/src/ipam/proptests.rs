@@ -57,6 +57,11 @@ enum Op {
         p: usize,
         by: usize,
     },
+    /// Peer `p` restarts from its persisted state (only once it has a ring: a restarted
+    /// elector forgets its Paxos promises, Weave's known weak spot).
+    Restart {
+        p: usize,
+    },
     /// Peer `p` leaves (`weave reset`), then stops.
     Leave {
         p: usize,
@@ -78,6 +83,7 @@ fn op(n: usize) -> impl Strategy<Value = Op> {
         4 => (1u8..40).prop_map(|secs| Op::Advance { secs }),
         1 => (0..n, 0..n).prop_map(|(p, by)| Op::Remove { p, by }),
         1 => (0..n).prop_map(|p| Op::Leave { p }),
+        2 => (0..n).prop_map(|p| Op::Restart { p }),
     ]
 }
 
@@ -151,17 +157,14 @@ fn check(c: &Cluster) -> Result<(), TestCaseError> {
 
 fn run(n: usize, consensus: bool, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let seeds: Vec<PeerName> = (1..=n as u64).map(peer).collect();
-    let mut c = Cluster::new(
-        n,
-        |_| {
-            if consensus {
-                InitMode::Consensus { quorum: n / 2 + 1 }
-            } else {
-                InitMode::Seed(seeds.clone())
-            }
-        },
-        UNIVERSE,
-    );
+    let init = |_: usize| {
+        if consensus {
+            InitMode::Consensus { quorum: n / 2 + 1 }
+        } else {
+            InitMode::Seed(seeds.clone())
+        }
+    };
+    let mut c = Cluster::new(n, init, UNIVERSE);
     let mut next_id = 0u64;
     let mut id = || {
         next_id += 1;
@@ -184,6 +187,7 @@ fn run(n: usize, consensus: bool, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 by: by % n,
             },
             Op::Leave { p } => Op::Leave { p: p % n },
+            Op::Restart { p } => Op::Restart { p: p % n },
             o => o,
         };
         match o {
@@ -245,6 +249,10 @@ fn run(n: usize, consensus: bool, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 c.settle();
                 c.removed[p] = true;
                 c.tell_peers();
+            }
+            Op::Restart { p } if !c.removed[p] && !c.peers[p].ring().is_empty() => {
+                let cfg = super::tests::config(UNIVERSE, init(p));
+                c.restart(p, cfg);
             }
             _ => {}
         }

@@ -478,6 +478,10 @@ pub(crate) struct Cluster {
     /// Which pairs can talk (partition = some false).
     pub link: Vec<Vec<bool>>,
     pub removed: Vec<bool>,
+    /// What each peer last asked to persist.
+    pub saved: Vec<Option<Persisted>>,
+    /// Restarts so far (fresh UIDs).
+    pub restarts: u64,
     /// Connections dropped because of a bad message: (receiver, error)
     pub rejected: Vec<(usize, String)>,
 }
@@ -495,6 +499,8 @@ impl Cluster {
             replies: Vec::new(),
             link: vec![vec![true; n]; n],
             removed: vec![false; n],
+            saved: vec![None; n],
+            restarts: 0,
             rejected: Vec::new(),
         };
         c.pump();
@@ -535,7 +541,7 @@ impl Cluster {
             while let Some(o) = self.peers[i].poll_output() {
                 match o {
                     Output::Reply { id, result } => self.replies.push((i, id, result)),
-                    Output::Persist(_) => {}
+                    Output::Persist(p) => self.saved[i] = Some(p),
                     Output::Send(s) => {
                         if self.removed[i] {
                             continue;
@@ -637,6 +643,25 @@ impl Cluster {
         }
         self.now = end;
         self.settle();
+    }
+
+    /// Peer `i` restarts from what it persisted: a new process (UID), same name and config;
+    /// its waiting requests are gone.
+    pub fn restart(&mut self, i: usize, cfg: Config) {
+        self.restarts += 1;
+        let uid = 1_000_000 + self.restarts;
+        self.peers[i] = Allocator::new(
+            cfg,
+            peer(i as u64 + 1),
+            format!("host{}", i + 1),
+            uid,
+            self.saved[i].clone(),
+            Box::new(TestRng(uid)),
+            self.now,
+        );
+        self.replies.retain(|r| r.0 != i);
+        self.pump();
+        self.tell_peers();
     }
 
     pub fn take_reply(&mut self, i: usize, id: u64) -> Option<Result<Reply, IpamError>> {
@@ -871,4 +896,82 @@ impl Ring {
         self.me = me;
         self
     }
+}
+
+#[test]
+fn observer_calls_an_election_and_gets_space() {
+    let mut c = Cluster::new(
+        3,
+        |i| {
+            if i == 0 {
+                InitMode::Observer
+            } else {
+                InitMode::Consensus { quorum: 2 }
+            }
+        },
+        "10.32.0.0/12",
+    );
+    // Block delivery for a moment to see the observer's status while it waits.
+    let now = c.now;
+    c.peers[0].allocate(now, RequestId(1), "c1", None);
+    assert_eq!(c.peers[0].status().status, "priming");
+    assert_eq!(c.peers[0].status().paxos, None);
+    c.pump();
+    c.settle();
+    let a = get_addr(c.take_reply(0, 1));
+    let ring = c.peers[0].ring().clone();
+    assert!(
+        !ring.seeds.contains(&peer(1)),
+        "observers get no share at creation: {:?}",
+        ring.seeds
+    );
+    assert_eq!(
+        ring.owner(u64::from(u32::from(a.addr))),
+        Some(peer(1)),
+        "space donated to the observer"
+    );
+    for p in &c.peers {
+        p.check().unwrap();
+    }
+}
+
+#[test]
+fn observer_alone_times_out_saying_why() {
+    let mut c = Cluster::new(2, |_| InitMode::Observer, "10.32.0.0/12");
+    let now = c.now;
+    c.peers[0].prime(now, RequestId(1));
+    c.pump();
+    c.advance(Duration::from_secs(31));
+    let err = c.take_reply(0, 1).unwrap().unwrap_err().to_string();
+    assert!(
+        err.starts_with("waiting for the IP allocation ring: this peer is an observer"),
+        "{err}"
+    );
+}
+
+#[test]
+fn status_lines_per_peer() {
+    let mut c = Cluster::new(
+        3,
+        |_| InitMode::Seed(vec![peer(1), peer(2), peer(3)]),
+        "10.32.0.0/12",
+    );
+    c.peers[1].allocate(c.now, RequestId(1), "c1", None);
+    c.pump();
+    c.removed[2] = true;
+    c.tell_peers();
+    let lines = c.peers[1].status().peer_lines(&peer(2).to_string());
+    assert_eq!(
+        lines,
+        vec![
+            "00:00:00:00:00:02(host2)                262144 IPs (25.0% of total) (1 active)",
+            "00:00:00:00:00:01(host1)                524288 IPs (50.0% of total)",
+            "00:00:00:00:00:03(host3)                262144 IPs (25.0% of total) - unreachable!",
+        ]
+    );
+    let empty = Cluster::new(1, |_| InitMode::Observer, "10.32.0.0/12");
+    assert!(empty.peers[0]
+        .status()
+        .peer_lines(&peer(1).to_string())
+        .is_empty());
 }
