@@ -28,6 +28,7 @@ pub mod feed;
 pub mod fragment;
 pub mod gro;
 pub mod icmp;
+pub mod ipam;
 pub mod ipam_shell;
 pub mod iptables;
 pub mod mac_cache;

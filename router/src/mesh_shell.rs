@@ -32,43 +32,34 @@
 //! its forwarder (same connection UID) is established over UDP, and is torn down with
 //! `timed out waiting for UDP heartbeat` when that forwarder hears nothing for 60 s.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Write as _;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use rand_core::OsRng;
-use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::addr::Ipv4Cidr;
+use crate::mesh::app::{AppEvent, AppSend};
 use crate::mesh::conn::{Conn, ConnConfig, ConnEvent, Message, UdpKeys};
-use crate::mesh::connmaker::{
-    parse_peer_spec, ConnMakerConfig, ConnectionMaker, DirectPeer, TargetState,
-};
-use crate::mesh::gossip::{
-    choose_neighbours, gossip_fanout, GossipChannel, SurrogateFilter, MAX_GOSSIP_PAYLOAD,
-};
+use crate::mesh::connmaker::{parse_peer_spec, DirectPeer};
+use crate::mesh::gossip::MAX_GOSSIP_PAYLOAD;
 use crate::mesh::handshake::{
-    resolve_duplicate, DuplicateResolution, Established, Handshake, HandshakeConfig,
-    HandshakeError, KdfParams, Progress,
+    Established, Handshake, HandshakeConfig, HandshakeError, KdfParams, Progress,
+};
+use crate::mesh::node::{arrow, Event, NewConn, Node, NodeConfig, NodeStatus};
+pub use crate::mesh::node::{
+    DataPlaneView, OverlayPeer, OverlayStatus, PeerLink, TOPOLOGY_CHANNEL, UDP_HEARTBEAT_TIMEOUT,
 };
 use crate::mesh::peer::{Peer, PeerName, PeerUid};
-use crate::mesh::routes::{LinkFilter, Routes};
-use crate::mesh::topology::{ConnSummary, Topology};
 use crate::queue::{self, Weigh};
-use crate::status::{
-    BroadcastRoute, ConnectionState, ConnectionStatus, PeerConnection, PeerStatus, StatusSnapshot,
-    UnicastRoute,
-};
+use crate::status::StatusSnapshot;
 
-/// The topology gossip channel.
-pub const TOPOLOGY_CHANNEL: &str = "topology";
 /// Inbound connections still in their handshake, in total (spec §2.1 pacing is not enough: a
 /// Hello-only connection holds its task until the handshake deadline).
 pub const MAX_PENDING_INBOUND: usize = 64;
@@ -91,10 +82,10 @@ pub const TO_CONN_QUEUE: usize = 64;
 pub const TO_CONN_BYTES: usize = 16 << 20;
 /// API and data plane to the mesh task (awaited; small messages, control-plane rate).
 const COMMAND_QUEUE: usize = 16;
-/// The overlay every connection uses.
-const OVERLAY: &str = "sleeve";
-/// Why a connection whose forwarder heard no heartbeat for 60 s is torn down (spec §4.7).
-pub const UDP_HEARTBEAT_TIMEOUT: &str = "timed out waiting for UDP heartbeat";
+/// Events queued for one application channel (its task drains them).
+pub const APP_QUEUE: usize = 256;
+/// ... and their bytes: a few maximal gossip payloads.
+pub const APP_BYTES: usize = 8 << 20;
 
 /// What the mesh needs.
 #[derive(Debug, Clone)]
@@ -130,52 +121,6 @@ impl MeshConfig {
     }
 }
 
-/// One live connection, as the data plane needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerLink {
-    /// Remote TCP address (its IP is where the sleeve sends UDP).
-    pub addr: SocketAddr,
-    pub outbound: bool,
-    /// Identifies this connection (a new one to the same peer replaces the forwarder).
-    pub conn_uid: u64,
-    /// False without a password or when both ends trust each other.
-    pub udp_encrypted: bool,
-    /// The latest UDP keys (password mode): epoch 0's, then each rekey's.
-    pub keys: Option<UdpKeys>,
-}
-
-/// What the data plane follows (a `watch`: it only ever needs the latest).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DataPlaneView {
-    /// Connections added to the local peer (established or still pending), by remote peer.
-    pub peers: BTreeMap<PeerName, PeerLink>,
-    /// Data-plane routes over established, symmetric links.
-    pub routes: crate::mesh::routes::RouteTable,
-}
-
-/// What the data plane says about the forwarder of one peer connection.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct OverlayPeer {
-    /// The connection the forwarder belongs to (reports about other connections are ignored).
-    pub conn_uid: u64,
-    /// Heartbeats confirmed both ways.
-    pub established: bool,
-    /// Effective overlay MTU (`mtu=N` in `weave status connections`).
-    pub mtu: u16,
-    /// No heartbeat for 60 s.
-    pub timed_out: bool,
-    /// UDP key epoch sent on, epoch switches, datagrams dropped for their epoch (encrypted).
-    pub udp_epoch: u32,
-    pub udp_key_switches: u64,
-    pub udp_key_drops: u64,
-}
-
-/// The data plane's forwarders, by peer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OverlayStatus {
-    pub peers: BTreeMap<PeerName, OverlayPeer>,
-}
-
 #[derive(Debug)]
 enum MeshCommand {
     Connect {
@@ -191,6 +136,18 @@ enum MeshCommand {
         body: Vec<u8>,
     },
     Overlay(OverlayStatus),
+    OpenChannel {
+        channel: &'static str,
+        tx: queue::Sender<AppEvent>,
+    },
+    AppSend {
+        channel: &'static str,
+        send: AppSend,
+    },
+    Reject {
+        from: PeerName,
+        reason: String,
+    },
 }
 
 /// Commands for the mesh task (API and sleeve side).
@@ -251,6 +208,66 @@ impl MeshHandle {
             .send(MeshCommand::Overlay(status))
             .await
             .map_err(|_| MeshError::Stopped)
+    }
+}
+
+impl MeshHandle {
+    /// Run an application on `channel`: its events arrive on [`AppChannel::events`], the list of
+    /// peers first. Opening a channel again hands it to the new opener (the old queue ends).
+    pub async fn open_channel(&self, channel: &'static str) -> Result<AppChannel, MeshError> {
+        let (tx, events) = queue::channel(APP_QUEUE, APP_BYTES);
+        self.tx
+            .send(MeshCommand::OpenChannel { channel, tx })
+            .await
+            .map_err(|_| MeshError::Stopped)?;
+        Ok(AppChannel {
+            channel,
+            tx: self.tx.clone(),
+            events,
+        })
+    }
+}
+
+/// An application's end of its channel (see [`crate::mesh::app`]).
+#[derive(Debug)]
+pub struct AppChannel {
+    channel: &'static str,
+    tx: mpsc::Sender<MeshCommand>,
+    /// Gossip for this channel and changes of the peer list. Bounded: gossip that does not fit
+    /// is dropped (the next periodic round repairs it); a peer list waits for room.
+    pub events: queue::Receiver<AppEvent>,
+}
+
+impl AppChannel {
+    pub fn channel(&self) -> &'static str {
+        self.channel
+    }
+
+    /// Have the node send on this channel (payloads above
+    /// [`MAX_GOSSIP_PAYLOAD`] are dropped, logged: no peer would take them).
+    pub async fn send(&self, send: AppSend) -> Result<(), MeshError> {
+        self.tx
+            .send(MeshCommand::AppSend {
+                channel: self.channel,
+                send,
+            })
+            .await
+            .map_err(|_| MeshError::Stopped)
+    }
+
+    /// What `from` delivered was bad: drop that connection (logged with `reason`).
+    pub async fn reject(&self, from: PeerName, reason: String) {
+        let _ = self.tx.send(MeshCommand::Reject { from, reason }).await;
+    }
+}
+
+impl Weigh for AppEvent {
+    fn weight(&self) -> usize {
+        ITEM_OVERHEAD
+            + match self {
+                AppEvent::Gossip { payload, .. } => payload.len(),
+                AppEvent::Peers(p) => p.iter().map(|i| 32 + i.nickname.len()).sum(),
+            }
     }
 }
 
@@ -648,14 +665,6 @@ impl ConnFailure {
     }
 }
 
-fn arrow(outbound: bool) -> &'static str {
-    if outbound {
-        "->"
-    } else {
-        "<-"
-    }
-}
-
 async fn write_all_hs(hs: &mut Handshake, stream: &mut TcpStream) -> std::io::Result<()> {
     while let Some(bytes) = hs.poll_transmit() {
         stream.write_all(&bytes).await?;
@@ -922,33 +931,23 @@ async fn drive(
     }
 }
 
-/// A connection registered with the mesh task.
-struct Live {
-    id: u64,
-    tx: queue::Sender<ToConn>,
-    addr: SocketAddr,
-    outbound: bool,
-    conn_uid: u64,
-    /// UDP encrypted (a password, and not both ends trusting each other).
-    udp_encrypted: bool,
-    nickname: String,
-    established: bool,
-    /// The data plane's latest report on this connection's forwarder.
-    overlay: Option<OverlayPeer>,
-}
-
-/// The mesh task's state.
+/// The mesh task: the [`Node`] on tokio's clock, the queues of the live connections and of the
+/// application channels, the `watch`es of the status and the data-plane view.
 struct Mesh {
     config: MeshConfig,
     ctx: Arc<ConnCtx>,
-    gossip: GossipChannel<Topology>,
-    routes: Routes,
-    maker: ConnectionMaker,
-    conns: BTreeMap<PeerName, Live>,
-    surrogate: SurrogateFilter,
-    terminations: u64,
+    node: Node,
+    /// Live connections' queues, by connection id (the node says which id a peer's is).
+    conns: HashMap<u64, queue::Sender<ToConn>>,
+    /// Application channels' queues, and a peer list still to deliver (the queue was full).
+    apps: BTreeMap<&'static str, AppQueue>,
     status: watch::Sender<StatusSnapshot>,
     view: watch::Sender<DataPlaneView>,
+}
+
+struct AppQueue {
+    tx: queue::Sender<AppEvent>,
+    peers_due: Option<AppEvent>,
 }
 
 impl Mesh {
@@ -959,36 +958,23 @@ impl Mesh {
         view: watch::Sender<DataPlaneView>,
         initial: Vec<DirectPeer>,
     ) -> Self {
-        let now = Instant::now();
-        let me = Peer {
-            name: config.name,
-            nickname: config.nickname.clone(),
-            uid: PeerUid(config.uid),
-            version: 0,
+        let node_config = NodeConfig {
+            port: config.port,
+            discovery: config.discovery,
+            conn_limit: config.conn_limit,
+            encrypted: config.encrypted(),
+            await_overlay: config.await_overlay,
+            ..NodeConfig::new(config.name, config.nickname.clone(), config.uid)
         };
-        let mut topo = Topology::new(&me);
-        topo.set_local_short_id((config.uid >> 52) as u16);
-        let routes = Routes::compute(&topo);
-        let mut maker = ConnectionMaker::new(
-            ConnMakerConfig {
-                port: config.port,
-                discovery: config.discovery,
-                conn_limit: config.conn_limit,
-            },
-            config.name,
-        );
-        maker.connect(now, initial, false);
+        let node = Node::new(node_config, initial, Box::new(OsRng), Instant::now());
         Mesh {
+            config,
             ctx,
-            gossip: GossipChannel::new(TOPOLOGY_CHANNEL, topo, now),
-            routes,
-            maker,
-            conns: BTreeMap::new(),
-            surrogate: SurrogateFilter::default(),
-            terminations: 0,
+            node,
+            conns: HashMap::new(),
+            apps: BTreeMap::new(),
             status,
             view,
-            config,
         }
     }
 
@@ -998,54 +984,92 @@ impl Mesh {
         mut commands: mpsc::Receiver<MeshCommand>,
     ) {
         loop {
-            self.after_event();
-            let wake = match self.maker.poll_timeout() {
-                Some(t) => t.min(self.gossip.poll_timeout()),
-                None => self.gossip.poll_timeout(),
-            };
+            self.flush();
+            let wake = tokio::time::Instant::from_std(self.node.poll_timeout());
             tokio::select! {
                 Some(m) = from_conns.recv() => self.on_conn(m),
                 Some(c) = commands.recv() => self.on_command(c),
-                () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
+                () = tokio::time::sleep_until(wake) => self.node.handle_timeout(Instant::now()),
             }
         }
     }
 
-    fn me(&self) -> PeerName {
-        self.config.name
-    }
-
-    /// Timers, topology changes, dials and the status, after every event.
-    fn after_event(&mut self) {
-        let now = Instant::now();
-        let changes = self.gossip.data_mut().take_changes();
-        if !changes.is_empty() {
-            let keep: BTreeSet<PeerName> = self.conns.keys().copied().collect();
-            for gone in self.gossip.data_mut().gc(&keep) {
-                tracing::info!("Removed unreachable peer {}({})", gone.name, gone.nickname);
+    /// Carry out what the node asked for, then publish the status.
+    fn flush(&mut self) {
+        let mut view_changed = false;
+        while let Some(ev) = self.node.poll_event() {
+            match ev {
+                Event::Dial(addr) => self.dial(addr),
+                Event::Close { id, reason, .. } => {
+                    // Dropping the queue ends the connection task too, should the close not
+                    // fit in it.
+                    if let Some(tx) = self.conns.remove(&id) {
+                        if let Some(reason) = reason {
+                            let _ = tx.try_send(ToConn::Close(reason));
+                        }
+                    }
+                }
+                Event::ViewChanged => view_changed = true,
             }
-            self.routes = Routes::compute(self.gossip.data());
-            let table = crate::mesh::routes::RouteTable::compute(self.gossip.data());
-            self.view.send_if_modified(|v| {
-                let changed = v.routes != table;
-                v.routes = table;
+        }
+        while let Some((to, msg)) = self.node.poll_transmit() {
+            self.send_to(to, msg);
+        }
+        while let Some((channel, ev)) = self.node.poll_app() {
+            if let Some(app) = self.apps.get_mut(channel) {
+                let peers = matches!(ev, AppEvent::Peers(_));
+                if peers && app.peers_due.is_some() {
+                    // Still behind: this newer list replaces the one waiting.
+                    app.peers_due = Some(ev);
+                    continue;
+                }
+                let kept = peers.then(|| ev.clone());
+                match app.tx.try_send(ev) {
+                    Ok(()) => {}
+                    Err(queue::TrySendError::Closed) => {
+                        self.apps.remove(channel);
+                        self.node.unregister_channel(channel);
+                    }
+                    Err(queue::TrySendError::Full) => {
+                        // Gossip is repaired by the next periodic round; the peer list must
+                        // not be lost, so it waits for room.
+                        tracing::debug!(
+                            channel,
+                            dropped = app.tx.dropped(),
+                            "application queue full"
+                        );
+                        if kept.is_some() {
+                            app.peers_due = kept;
+                        }
+                    }
+                }
+            }
+        }
+        self.retry_peer_lists();
+        if view_changed {
+            let v = self.node.view().clone();
+            self.view.send_if_modified(|old| {
+                let changed = *old != v;
+                *old = v;
                 changed
             });
-        }
-        for action in self.gossip.handle_timeout(now) {
-            let crate::mesh::gossip::GossipAction::Gossip { payload, exclude } = action;
-            let msg = self.gossip.message(self.me(), payload);
-            self.spread(&msg, exclude);
-        }
-        for addr in self.maker.tick(now, self.gossip.data()) {
-            self.dial(addr);
         }
         self.publish();
     }
 
+    /// Peer lists that did not fit in their application's queue: try again.
+    fn retry_peer_lists(&mut self) {
+        for app in self.apps.values_mut() {
+            if let Some(ev) = app.peers_due.take() {
+                if let Err(queue::TrySendError::Full) = app.tx.try_send(ev.clone()) {
+                    app.peers_due = Some(ev);
+                }
+            }
+        }
+    }
+
     fn dial(&self, addr: SocketAddr) {
         let ctx = self.ctx.clone();
-        tracing::debug!(%addr, "dialling");
         tokio::spawn(async move {
             let error = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
@@ -1067,101 +1091,45 @@ impl Mesh {
         });
     }
 
-    /// Send to random neighbours (spec §3.4).
-    fn spread(&mut self, msg: &Message, exclude: Option<PeerName>) {
-        let weights: BTreeMap<PeerName, u32> =
-            self.routes.neighbour_weights().into_iter().collect();
-        let candidates: Vec<(PeerName, u32)> = self
-            .conns
-            .keys()
-            .map(|n| (*n, weights.get(n).copied().unwrap_or(1)))
-            .collect();
-        let count = gossip_fanout(self.gossip.data().len(), candidates.len());
-        for n in choose_neighbours(&candidates, count, exclude, &mut OsRng) {
-            self.send_to(n, msg.clone());
-        }
-    }
-
     fn send_to(&self, to: PeerName, msg: Message) {
-        if let Some(live) = self.conns.get(&to) {
-            if live.tx.try_send(ToConn::Send(msg)).is_err() {
-                tracing::debug!(
-                    peer = %to,
-                    dropped = live.tx.dropped(),
-                    queued_bytes = live.tx.queued_bytes(),
-                    "connection queue full: message dropped"
-                );
-            }
+        let Some(tx) = self.node.conn_id(to).and_then(|id| self.conns.get(&id)) else {
+            return;
+        };
+        if tx.try_send(ToConn::Send(msg)).is_err() {
+            tracing::debug!(
+                peer = %to,
+                dropped = tx.dropped(),
+                queued_bytes = tx.queued_bytes(),
+                "connection queue full: message dropped"
+            );
         }
     }
 
     fn on_command(&mut self, cmd: MeshCommand) {
         let now = Instant::now();
         match cmd {
-            MeshCommand::Connect { peers, replace } => self.maker.connect(now, peers, replace),
-            MeshCommand::Forget { peers } => self.maker.forget(&peers),
+            MeshCommand::Connect { peers, replace } => self.node.connect(now, peers, replace),
+            MeshCommand::Forget { peers } => self.node.forget(now, &peers),
             MeshCommand::SendOverlay { to, index, body } => {
-                self.send_to(to, Message::OverlayControl { index, body });
+                self.node.send_overlay(to, index, body);
             }
-            MeshCommand::Overlay(status) => self.on_overlay(now, &status),
-        }
-    }
-
-    /// The data plane's view of its forwarders (spec §4.7): a pending connection becomes
-    /// established once the forwarder of the same connection UID is; a connection whose
-    /// forwarder timed out is torn down (and its target retried). Reports about other connection
-    /// UIDs (the forwarder of an earlier connection, or one not created yet) are ignored.
-    fn on_overlay(&mut self, now: Instant, status: &OverlayStatus) {
-        let mut established = Vec::new();
-        let mut timed_out = Vec::new();
-        for (name, live) in &mut self.conns {
-            let report = status
-                .peers
-                .get(name)
-                .filter(|p| p.conn_uid == live.conn_uid)
-                .copied();
-            live.overlay = report;
-            if !self.config.await_overlay {
-                continue;
+            MeshCommand::Overlay(status) => self.node.overlay(now, &status),
+            MeshCommand::OpenChannel { channel, tx } => {
+                // A second opener (an application task restarted by its supervisor) takes over:
+                // the previous receiver sees its queue end.
+                self.apps.insert(
+                    channel,
+                    AppQueue {
+                        tx,
+                        peers_due: None,
+                    },
+                );
+                self.node.unregister_channel(channel);
+                self.node.register_channel(channel);
             }
-            match report {
-                Some(p) if p.timed_out => timed_out.push(*name),
-                Some(p) if p.established && !live.established => established.push(*name),
-                _ => {}
-            }
+            MeshCommand::AppSend { channel, send } => self.node.app_send(now, channel, send),
+            MeshCommand::Reject { from, reason } => self.node.reject(now, from, reason),
         }
-        for name in established {
-            self.establish(now, name);
-        }
-        for name in timed_out {
-            if let Some(live) = self.conns.get(&name) {
-                // Dropping `live.tx` in `remove` ends the connection task too, should this
-                // message not fit in its queue.
-                let _ = live
-                    .tx
-                    .try_send(ToConn::Close(UDP_HEARTBEAT_TIMEOUT.to_string()));
-            }
-            self.remove(now, name, Some(UDP_HEARTBEAT_TIMEOUT.to_string()));
-        }
-    }
-
-    /// Mark the connection to `name` established: topology version bump (gossiped, routes
-    /// recomputed after this event), and the connection maker's target.
-    fn establish(&mut self, now: Instant, name: PeerName) {
-        let Some(live) = self.conns.get_mut(&name) else {
-            return;
-        };
-        live.established = true;
-        tracing::info!(
-            "{}[{}|{name}({})]: connection fully established",
-            arrow(live.outbound),
-            live.addr,
-            live.nickname
-        );
-        if self.gossip.data_mut().set_local_established(name) {
-            self.gossip.notify_changed(now);
-        }
-        self.maker.on_established(name);
     }
 
     fn on_conn(&mut self, m: ToMesh) {
@@ -1171,195 +1139,42 @@ impl Mesh {
                 addr,
                 error,
                 permanent,
-            } => self
-                .maker
-                .on_attempt_failed(now, addr, error, permanent, &mut OsRng),
-            ToMesh::Register(reg) => self.register(now, *reg),
-            ToMesh::UdpKeys { id, remote, keys } => {
-                if self.conns.get(&remote).is_some_and(|l| l.id == id) {
-                    self.view.send_modify(|v| {
-                        if let Some(link) = v.peers.get_mut(&remote) {
-                            link.keys = Some(keys);
-                        }
-                    });
+            } => self.node.attempt_failed(now, addr, error, permanent),
+            ToMesh::Register(reg) => {
+                let reg = *reg;
+                let result = self.node.register(
+                    now,
+                    NewConn {
+                        id: reg.id,
+                        remote: reg.remote,
+                        addr: reg.addr,
+                        outbound: reg.outbound,
+                        conn_uid: reg.conn_uid,
+                        udp_encrypted: reg.udp_encrypted,
+                        keys: reg.keys,
+                    },
+                );
+                if result.is_ok() {
+                    self.conns.insert(reg.id, reg.tx);
                 }
+                let _ = reg.reply.send(result);
             }
-            ToMesh::Received { id, from, msg } => {
-                if self.conns.get(&from).is_some_and(|l| l.id == id) {
-                    self.on_message(now, from, msg);
-                }
-            }
-            ToMesh::Closed { id, remote, error } => {
-                if self.conns.get(&remote).is_some_and(|l| l.id == id) {
-                    self.remove(now, remote, error);
-                }
-            }
-        }
-    }
-
-    fn remove(&mut self, now: Instant, remote: PeerName, error: Option<String>) {
-        self.conns.remove(&remote);
-        self.terminations += 1;
-        if self.gossip.data_mut().remove_local_conn(remote) {
-            self.gossip.notify_changed(now);
-        }
-        self.maker
-            .on_disconnected(now, remote, error, false, &mut OsRng);
-        self.view
-            .send_if_modified(|v| v.peers.remove(&remote).is_some());
-    }
-
-    fn register(&mut self, now: Instant, reg: Registration) {
-        let name = reg.remote.name;
-        let reject = |mesh: &mut Mesh, reg: Registration, reason: String| {
-            if reg.outbound {
-                mesh.maker
-                    .on_attempt_failed(now, reg.addr, reason.clone(), false, &mut OsRng);
-            }
-            let _ = reg.reply.send(Err(reason));
-        };
-        if let Some(existing) = self.conns.get(&name) {
-            let dup = format!(
-                "Multiple connections to {}({}) added to {}({})",
-                name, reg.remote.nickname, self.config.name, self.config.nickname
-            );
-            match resolve_duplicate(existing.conn_uid, reg.conn_uid) {
-                DuplicateResolution::KeepExisting => return reject(self, reg, dup),
-                DuplicateResolution::KeepNew => {
-                    let _ = existing.tx.try_send(ToConn::Close(dup.clone()));
-                    self.remove(now, name, Some(dup));
-                }
-                DuplicateResolution::DropBoth => {
-                    let _ = existing.tx.try_send(ToConn::Close(dup.clone()));
-                    self.remove(now, name, Some(dup.clone()));
-                    return reject(self, reg, dup);
-                }
-            }
-        }
-        if !self.maker.under_limit() {
-            let reason = format!("Connection limit reached ({})", self.config.conn_limit);
-            return reject(self, reg, reason);
-        }
-        let topo = self.gossip.data_mut();
-        topo.add_local_conn(ConnSummary {
-            remote: name,
-            addr: reg.addr.to_string(),
-            outbound: reg.outbound,
-            established: false,
-        });
-        self.gossip.notify_changed(now);
-        self.maker.on_connected(name, reg.addr, reg.outbound);
-        let full = self.gossip.full_state_message(self.me());
-        let _ = reg.tx.try_send(ToConn::Send(full));
-        self.conns.insert(
-            name,
-            Live {
-                id: reg.id,
-                tx: reg.tx,
-                addr: reg.addr,
-                outbound: reg.outbound,
-                conn_uid: reg.conn_uid,
-                udp_encrypted: reg.udp_encrypted,
-                nickname: reg.remote.nickname.clone(),
-                established: false,
-                overlay: None,
-            },
-        );
-        if !self.config.await_overlay {
-            // No data plane to wait for: established as soon as it is added.
-            self.establish(now, name);
-        }
-        let link = PeerLink {
-            addr: reg.addr,
-            outbound: reg.outbound,
-            conn_uid: reg.conn_uid,
-            udp_encrypted: reg.udp_encrypted,
-            keys: reg.keys,
-        };
-        self.view.send_modify(|v| {
-            v.peers.insert(name, link);
-        });
-        let _ = reg.reply.send(Ok(()));
-    }
-
-    fn on_message(&mut self, now: Instant, from: PeerName, msg: Message) {
-        match msg {
-            Message::Gossip {
-                channel, payload, ..
-            } if channel == TOPOLOGY_CHANNEL => match self.gossip.on_gossip(now, from, &payload) {
-                Ok(Some(crate::mesh::gossip::GossipAction::Gossip { payload, exclude })) => {
-                    let msg = self.gossip.message(self.me(), payload);
-                    self.spread(&msg, exclude);
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(%from, error = %e, "bad topology gossip"),
-            },
-            Message::Gossip {
-                channel, payload, ..
-            } => {
-                // A channel we do not run: relay it (surrogate, spec §3.1).
-                if self.surrogate.should_relay(now, &channel, &payload) {
-                    let msg = Message::Gossip {
-                        channel,
-                        src: self.me(),
-                        payload,
-                    };
-                    self.spread(&msg, Some(from));
-                }
-            }
-            Message::GossipUnicast { dst, .. } if dst == self.me() => {
-                tracing::debug!(%from, "unicast gossip for a channel we do not run");
-            }
-            msg @ Message::GossipUnicast { dst, .. } => {
-                if let Some(hop) = self.routes.next_hop_gossip(dst) {
-                    self.send_to(hop, msg);
-                }
-            }
-            msg @ Message::GossipBroadcast { src, .. } => {
-                let hops: Vec<PeerName> = self
-                    .routes
-                    .broadcast(self.gossip.data(), src, LinkFilter::All)
-                    .to_vec();
-                for hop in hops {
-                    self.send_to(hop, msg.clone());
-                }
-            }
-            Message::OverlayControl { index, body } => {
-                // The sleeve needs none (it probes PMTU over UDP); Weave's fastdp would.
-                tracing::debug!(%from, index, len = body.len(), "overlay control message ignored");
-            }
-            Message::Heartbeat | Message::Unknown(_) => {}
+            ToMesh::UdpKeys { id, remote, keys } => self.node.udp_keys(id, remote, keys),
+            ToMesh::Received { id, from, msg } => self.node.received(now, id, from, msg),
+            ToMesh::Closed { id, remote, error } => self.node.closed(now, id, remote, error),
         }
     }
 
     /// Publish the router part of the status.
     fn publish(&mut self) {
-        let connections = self.connection_statuses();
-        let peers = peer_statuses(self.gossip.data());
-        let unicast_routes = self
-            .routes
-            .unicast
-            .iter()
-            .map(|(dest, via)| UnicastRoute {
-                dest: dest.to_string(),
-                via: via.to_string(),
-            })
-            .collect();
-        let mut sources: Vec<PeerName> = self.routes.unicast.keys().copied().collect();
-        sources.insert(0, self.me());
-        let broadcast_routes = sources
-            .into_iter()
-            .map(|src| BroadcastRoute {
-                source: src.to_string(),
-                via: self
-                    .routes
-                    .broadcast(self.gossip.data(), src, LinkFilter::EstablishedSymmetric)
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
-            })
-            .collect();
-        let targets = self.maker.direct_peers(false);
+        let NodeStatus {
+            peers,
+            unicast_routes,
+            broadcast_routes,
+            connections,
+            targets,
+            termination_count: terminations,
+        } = self.node.status(Instant::now(), SystemTime::now());
         let encryption = self.config.encrypted();
         let discovery = self.config.discovery;
         let trusted: Vec<String> = self
@@ -1368,7 +1183,6 @@ impl Mesh {
             .iter()
             .map(ToString::to_string)
             .collect();
-        let terminations = self.terminations;
         self.status.send_if_modified(|s| {
             let r = &mut s.router;
             // Routes follow from peers and connections: no need to compare them.
@@ -1393,158 +1207,13 @@ impl Mesh {
             changed
         });
     }
-
-    fn connection_statuses(&self) -> Vec<ConnectionStatus> {
-        let password = self.config.encrypted();
-        let mut out: Vec<ConnectionStatus> = self
-            .conns
-            .iter()
-            .map(|(name, l)| live_status(*name, l, password))
-            .collect();
-        let live_addrs: BTreeSet<SocketAddr> = self.conns.values().map(|l| l.addr).collect();
-        let wall = SystemTime::now();
-        let now = Instant::now();
-        for t in self.maker.targets() {
-            if live_addrs.contains(&t.addr) {
-                continue;
-            }
-            let (state, info) = match (&t.state, &t.last_error) {
-                (TargetState::Attempting, Some(e)) => (ConnectionState::Retrying, e.clone()),
-                (TargetState::Attempting, None) => (ConnectionState::Connecting, String::new()),
-                (TargetState::Waiting, Some(e)) => {
-                    let at = wall + t.next_try.saturating_duration_since(now);
-                    (
-                        ConnectionState::Failed,
-                        format!("{e}, retry: {}", go_time(at)),
-                    )
-                }
-                (TargetState::Waiting, None) => (ConnectionState::Connecting, String::new()),
-                (TargetState::Never, e) => (ConnectionState::Failed, e.clone().unwrap_or_default()),
-                (TargetState::Suspended | TargetState::Connected { .. }, _) => continue,
-            };
-            out.push(ConnectionStatus {
-                address: t.addr.to_string(),
-                outbound: true,
-                state,
-                info,
-                attrs: None,
-            });
-        }
-        out
-    }
-}
-
-/// `weave status connections` for a live connection (spec §6.2). With a password, Info and the
-/// `encrypted` attribute tell whether the data path (UDP) is encrypted: it is not between peers
-/// that trust each other (`--trusted-subnets`), while TCP always is. `mtu` is the forwarder's
-/// effective MTU, once the data plane has reported on this connection.
-fn live_status(name: PeerName, l: &Live, password: bool) -> ConnectionStatus {
-    let mut info = String::new();
-    let mut attrs = BTreeMap::from([("name".to_string(), json!(OVERLAY))]);
-    if password {
-        let enc = if l.udp_encrypted {
-            "encrypted"
-        } else {
-            "unencrypted"
-        };
-        let _ = write!(info, "{enc:<11} ");
-        attrs.insert("encrypted".to_string(), Value::Bool(l.udp_encrypted));
-    }
-    let _ = write!(info, "{OVERLAY:<6} {name}({})", l.nickname);
-    if let Some(o) = &l.overlay {
-        attrs.insert("mtu".to_string(), json!(o.mtu));
-        if l.udp_encrypted {
-            attrs.insert("udp_epoch".to_string(), json!(o.udp_epoch));
-            attrs.insert("udp_key_switches".to_string(), json!(o.udp_key_switches));
-            attrs.insert("udp_key_drops".to_string(), json!(o.udp_key_drops));
-        }
-    }
-    ConnectionStatus {
-        address: l.addr.to_string(),
-        outbound: l.outbound,
-        state: if l.established {
-            ConnectionState::Established
-        } else {
-            ConnectionState::Pending
-        },
-        info,
-        attrs: Some(attrs),
-    }
-}
-
-/// Every known peer (ourselves first), with its gossiped connections.
-fn peer_statuses(topo: &Topology) -> Vec<PeerStatus> {
-    let nick = |n: PeerName| topo.get(n).map(|p| p.nickname.clone()).unwrap_or_default();
-    let mut out: Vec<PeerStatus> = topo
-        .peers()
-        .filter(|p| p.uid.0 != 0)
-        .map(|p| PeerStatus {
-            name: p.name.to_string(),
-            nickname: p.nickname.clone(),
-            uid: p.uid.0,
-            short_id: p.short_id.unwrap_or(0),
-            version: p.version,
-            connections: p
-                .conns
-                .iter()
-                .map(|c| PeerConnection {
-                    name: c.remote.to_string(),
-                    nickname: nick(c.remote),
-                    address: c.addr.clone(),
-                    outbound: c.outbound,
-                    established: c.established,
-                })
-                .collect(),
-        })
-        .collect();
-    let me = topo.me().to_string();
-    if let Some(i) = out.iter().position(|p| p.name == me) {
-        let mine = out.remove(i);
-        out.insert(0, mine);
-    }
-    out
-}
-
-/// Go's `time.Time.String()` for UTC: `2015-08-06 18:55:38 +0000 UTC`.
-fn go_time(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} +0000 UTC",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 → (year, month, day) (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn go_time_format() {
-        let t = UNIX_EPOCH + Duration::from_secs(1_438_887_338);
-        assert_eq!(go_time(t), "2015-08-06 18:55:38 +0000 UTC");
-        assert_eq!(go_time(UNIX_EPOCH), "1970-01-01 00:00:00 +0000 UTC");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
-        assert_eq!(go_time(leap), "2000-02-29 00:00:00 +0000 UTC");
-    }
+    use crate::status::ConnectionState;
+    use serde_json::{json, Value};
 
     #[test]
     fn accept_pacing() {
@@ -1637,74 +1306,6 @@ mod tests {
         });
         drop(tx);
         assert!(rx.recv().await.is_none());
-    }
-
-    fn live(udp_encrypted: bool) -> Live {
-        let (tx, _rx) = queue::channel(1, 1);
-        Live {
-            id: 1,
-            tx,
-            addr: "192.168.48.11:6783".parse().expect("addr"),
-            outbound: true,
-            conn_uid: 5,
-            udp_encrypted,
-            nickname: "host1".into(),
-            established: true,
-            overlay: Some(OverlayPeer {
-                conn_uid: 5,
-                established: true,
-                mtu: 1376,
-                timed_out: false,
-                ..OverlayPeer::default()
-            }),
-        }
-    }
-
-    fn connection_line(s: ConnectionStatus) -> String {
-        let snap = StatusSnapshot {
-            ready: true,
-            failed: None,
-            version: "x".into(),
-            router: crate::status::RouterStatus {
-                connections: vec![s],
-                ..crate::status::RouterStatus::alone("8a:3e:3e:3e:3e:3e", "me", 6783, 1, 1)
-            },
-            proxy: None,
-        };
-        crate::status::render_connections(&snap)
-    }
-
-    #[test]
-    fn live_connection_lines() {
-        let name: PeerName = "7e:21:4a:70:2f:45".parse().expect("name");
-        let s = live_status(name, &live(true), true);
-        assert_eq!(s.info, "encrypted   sleeve 7e:21:4a:70:2f:45(host1)");
-        assert_eq!(s.state, ConnectionState::Established);
-        assert_eq!(
-            connection_line(s),
-            "-> 192.168.48.11:6783    established encrypted   sleeve 7e:21:4a:70:2f:45(host1) encrypted=true mtu=1376 udp_epoch=0 udp_key_drops=0 udp_key_switches=0\n"
-        );
-        // No password: neither the word nor the attribute.
-        let s = live_status(name, &live(false), false);
-        assert_eq!(s.info, "sleeve 7e:21:4a:70:2f:45(host1)");
-        assert_eq!(
-            connection_line(s),
-            "-> 192.168.48.11:6783    established sleeve 7e:21:4a:70:2f:45(host1) mtu=1376\n"
-        );
-        // A password, but peers trusting each other: UDP in plaintext, and said so.
-        let s = live_status(name, &live(false), true);
-        assert_eq!(
-            connection_line(s),
-            "-> 192.168.48.11:6783    established unencrypted sleeve 7e:21:4a:70:2f:45(host1) encrypted=false mtu=1376\n"
-        );
-        // Pending, before the data plane reported on it: no MTU yet.
-        let mut l = live(true);
-        l.established = false;
-        l.overlay = None;
-        assert_eq!(
-            connection_line(live_status(name, &l, true)),
-            "-> 192.168.48.11:6783    pending     encrypted   sleeve 7e:21:4a:70:2f:45(host1) encrypted=true\n"
-        );
     }
 
     #[test]
@@ -1952,6 +1553,86 @@ mod tests {
         for m in [&a, &b, &c] {
             m.abort();
         }
+    }
+
+    /// Application channels over two real meshes: the peer list first, then a broadcast and a
+    /// unicast from a reach b's application; reopening a channel hands it over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn app_channels_on_loopback() {
+        use crate::mesh::app::{AppEvent, AppSend, GossipKind};
+        let (pa, pb) = (free_port(), free_port());
+        let (tx_a, _rx_a) = watch::channel(snapshot(1, pa));
+        let (tx_b, _rx_b) = watch::channel(snapshot(2, pb));
+        let a = start(mesh_config(1, pa, "pw", vec![]), tx_a)
+            .await
+            .expect("mesh a");
+        let b = start(
+            mesh_config(2, pb, "pw", vec![format!("127.0.0.1:{pa}")]),
+            tx_b,
+        )
+        .await
+        .expect("mesh b");
+        let ca = a.handle.open_channel("test").await.expect("open a");
+        let mut cb = b.handle.open_channel("test").await.expect("open b");
+        match next_app_event(&mut cb).await {
+            Some(AppEvent::Peers(p)) => assert_eq!(p.len(), 1, "{p:?}"),
+            other => panic!("expected the peer list first: {other:?}"),
+        }
+        loop {
+            match next_app_event(&mut cb).await {
+                Some(AppEvent::Peers(p)) if p.len() == 2 && p.iter().all(|i| i.reachable) => break,
+                Some(AppEvent::Peers(_)) => {}
+                other => panic!("expected peer lists: {other:?}"),
+            }
+        }
+        ca.send(AppSend::Broadcast {
+            payload: b"hello".to_vec(),
+        })
+        .await
+        .expect("send");
+        ca.send(AppSend::Unicast {
+            dst: PeerName::from_u64(2),
+            payload: b"you".to_vec(),
+        })
+        .await
+        .expect("send");
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match next_app_event(&mut cb).await {
+                Some(AppEvent::Gossip {
+                    kind, src, payload, ..
+                }) => {
+                    assert_eq!(src, PeerName::from_u64(1));
+                    got.push((kind, payload));
+                }
+                Some(AppEvent::Peers(_)) => {}
+                None => panic!("no gossip; got {got:?}"),
+            }
+        }
+        assert_eq!(
+            got,
+            vec![
+                (GossipKind::Broadcast, b"hello".to_vec()),
+                (GossipKind::Unicast, b"you".to_vec())
+            ]
+        );
+        // Reopened: the new queue gets the peer list, the old one ends.
+        let mut cb2 = b.handle.open_channel("test").await.expect("reopen");
+        assert!(matches!(next_app_event(&mut cb2).await, Some(AppEvent::Peers(p)) if p.len() == 2));
+        assert!(
+            next_app_event(&mut cb).await.is_none(),
+            "the old queue ends"
+        );
+        for m in [&a, &b] {
+            m.abort();
+        }
+    }
+
+    async fn next_app_event(c: &mut AppChannel) -> Option<crate::mesh::app::AppEvent> {
+        tokio::time::timeout(Duration::from_secs(20), c.events.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The data plane's link to `peer` once there is one whose connection UID is not `not_uid`.

@@ -11,6 +11,8 @@
 //! - [`routes`]: deterministic BFS unicast next hops and broadcast fan-out.
 //! - [`gossip`]: the generic gossip layer ([`gossip::GossipData`], [`gossip::GossipChannel`]).
 //! - [`connmaker`]: dial targets, backoff and their status.
+//! - [`node`]: the mesh node: connections, duplicates, gossip fan-out, routing, app channels.
+//! - [`sim`]: a simulated mesh of nodes in virtual time, for tests and benches.
 //! - [`app`]: what applications riding the gossip (IPAM, DNS) get from a node and give it.
 
 pub mod app;
@@ -19,7 +21,9 @@ pub mod connmaker;
 pub mod cpace;
 pub mod gossip;
 pub mod handshake;
+pub mod node;
 pub mod peer;
 pub mod routes;
+pub mod sim;
 pub mod topology;
 pub mod wire;
