@@ -36,6 +36,7 @@ pub use view::{render_peers, render_section, IpamView};
 
 use crate::addr::Ipv4Cidr;
 use crate::containers::{ContainerDirectory, ContainerEvent};
+use crate::ipam;
 use crate::mesh::app::{AppEvent, AppSend};
 use crate::mesh::peer::PeerName;
 
@@ -139,25 +140,6 @@ pub trait Transport: Send + Sync + 'static {
 pub struct Wire {
     pub events: BoxStream<'static, AppEvent>,
     pub transport: Arc<dyn Transport>,
-}
-
-impl Wire {
-    /// No mesh: a single peer (its own ring with quorum 1), nothing sent or received.
-    pub fn standalone() -> Self {
-        struct Nowhere;
-        impl Transport for Nowhere {
-            fn send(&self, _: AppSend) -> BoxFuture<'_, Result<(), String>> {
-                Box::pin(async { Ok(()) })
-            }
-            fn reject(&self, _: PeerName, _: String) -> BoxFuture<'_, ()> {
-                Box::pin(async {})
-            }
-        }
-        Wire {
-            events: futures::stream::pending().boxed(),
-            transport: Arc::new(Nowhere),
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -713,9 +695,175 @@ pub(crate) async fn pump_container_events(
     }
 }
 
-/// The allocator this build drives, if any.
+/// The allocator this build drives: [`crate::ipam::Allocator`], with the OS's RNG.
 pub fn builtin_core() -> Option<CoreFactory> {
-    None
+    Some(Box::new(|init: CoreInit| -> Box<dyn Core> {
+        let persisted = init.persisted.and_then(|bytes| {
+            serde_json::from_slice::<ipam::Persisted>(&bytes)
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "IPAM state file unreadable: starting afresh");
+                })
+                .ok()
+        });
+        let config = ipam::Config {
+            universe: init.settings.range,
+            default_subnet: init.settings.default_subnet,
+            init: match init.settings.init {
+                InitSpec::Consensus { quorum } => ipam::InitMode::Consensus { quorum },
+                InitSpec::Seed(peers) => ipam::InitMode::Seed(peers),
+                InitSpec::Observer => ipam::InitMode::Observer,
+            },
+            request_timeout: init.request_timeout,
+        };
+        Box::new(ipam::Allocator::new(
+            config,
+            init.me,
+            init.nickname,
+            init.uid,
+            persisted,
+            Box::new(rand_core::OsRng),
+            init.now,
+        ))
+    }))
+}
+
+fn core_error(e: ipam::IpamError) -> CoreError {
+    match e {
+        ipam::IpamError::Cancelled => CoreError::Cancelled,
+        other => CoreError::Failed(other.to_string()),
+    }
+}
+
+/// The pure allocator behind the shell's seam.
+impl Core for ipam::Allocator {
+    fn allocate(&mut self, now: Instant, id: RequestId, ident: &str, subnet: Option<Ipv4Cidr>) {
+        ipam::Allocator::allocate(self, now, ipam::RequestId(id), ident, subnet);
+    }
+    fn claim(
+        &mut self,
+        now: Instant,
+        id: RequestId,
+        ident: &str,
+        cidr: Ipv4Cidr,
+        no_error_on_unknown: bool,
+    ) {
+        ipam::Allocator::claim(
+            self,
+            now,
+            ipam::RequestId(id),
+            ident,
+            cidr,
+            no_error_on_unknown,
+        );
+    }
+    fn prime(&mut self, now: Instant, id: RequestId) {
+        ipam::Allocator::prime(self, now, ipam::RequestId(id));
+    }
+    fn cancel(&mut self, id: RequestId) {
+        ipam::Allocator::cancel(self, ipam::RequestId(id));
+    }
+    fn lookup(&self, ident: &str, subnet: Option<Ipv4Cidr>) -> Vec<Ipv4Cidr> {
+        ipam::Allocator::lookup(self, ident, subnet)
+    }
+    fn free(&mut self, now: Instant, ident: &str, addr: Ipv4Addr) -> Result<(), String> {
+        ipam::Allocator::free(self, now, ident, addr).map_err(|e| e.to_string())
+    }
+    fn delete(&mut self, now: Instant, ident: &str) -> Result<(), String> {
+        ipam::Allocator::delete(self, now, ident).map_err(|e| e.to_string())
+    }
+    fn owned(&self) -> Vec<(String, Vec<Ipv4Cidr>)> {
+        ipam::Allocator::owned(self)
+    }
+    fn container_event(&mut self, now: Instant, ident: &str, event: ContainerEvent) {
+        match event {
+            ContainerEvent::Started => self.container_started(now, ident),
+            ContainerEvent::Died => self.container_died(now, ident),
+            ContainerEvent::Destroyed => self.container_destroyed(now, ident),
+        }
+    }
+    fn prune(&mut self, now: Instant, running: &BTreeSet<String>) {
+        ipam::Allocator::prune(self, now, running);
+    }
+    fn preclaim(&mut self, now: Instant, ident: &str, cidr: Ipv4Cidr) {
+        ipam::Allocator::preclaim(self, now, ident, cidr);
+    }
+    fn leave(&mut self, now: Instant) {
+        ipam::Allocator::leave(self, now);
+    }
+    fn rmpeer(&mut self, now: Instant, peer: &str) -> Result<u64, String> {
+        ipam::Allocator::rmpeer(self, now, peer).map_err(|e| e.to_string())
+    }
+    fn on_event(&mut self, now: Instant, event: AppEvent) -> Result<(), String> {
+        ipam::Allocator::on_event(self, now, event).map_err(|e| e.to_string())
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        ipam::Allocator::handle_timeout(self, now);
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        ipam::Allocator::poll_timeout(self)
+    }
+    fn poll_output(&mut self) -> Option<CoreOutput> {
+        Some(match ipam::Allocator::poll_output(self)? {
+            ipam::Output::Reply { id, result } => CoreOutput::Reply {
+                id: id.0,
+                result: result
+                    .map(|reply| match reply {
+                        ipam::Reply::Addr(cidr) => CoreReply::Addr(cidr),
+                        ipam::Reply::Done => CoreReply::Done,
+                    })
+                    .map_err(core_error),
+            },
+            ipam::Output::Send(msg) => CoreOutput::Send(msg),
+            ipam::Output::Persist(state) => match serde_json::to_vec(&state) {
+                Ok(bytes) => CoreOutput::Persist(bytes),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode IPAM state");
+                    return self_poll_again(self);
+                }
+            },
+        })
+    }
+    fn status(&self) -> Value {
+        serde_json::to_value(ipam::Allocator::status(self)).unwrap_or(Value::Null)
+    }
+}
+
+/// After an output the shell cannot carry out, the next one.
+fn self_poll_again(core: &mut ipam::Allocator) -> Option<CoreOutput> {
+    Core::poll_output(core)
+}
+
+/// The mesh's `IPallocation` channel as the actor's [`Wire`].
+pub async fn mesh_wire(
+    mesh: &crate::mesh_shell::MeshHandle,
+) -> Result<Wire, crate::mesh_shell::MeshError> {
+    let mut channel = mesh.open_channel(ipam::IPAM_CHANNEL).await?;
+    // The events go to the actor; the rest of the channel carries what it sends.
+    let (_, placeholder) = crate::queue::channel(1, 1);
+    let events = std::mem::replace(&mut channel.events, placeholder);
+    let events =
+        futures::stream::unfold(
+            events,
+            |mut rx| async move { rx.recv().await.map(|e| (e, rx)) },
+        )
+        .boxed();
+    Ok(Wire {
+        events,
+        transport: Arc::new(channel),
+    })
+}
+
+impl Transport for crate::mesh_shell::AppChannel {
+    fn send(&self, msg: AppSend) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            crate::mesh_shell::AppChannel::send(self, msg)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+    fn reject(&self, from: PeerName, reason: String) -> BoxFuture<'_, ()> {
+        Box::pin(crate::mesh_shell::AppChannel::reject(self, from, reason))
+    }
 }
 
 #[cfg(test)]

@@ -283,10 +283,12 @@ pub async fn run(
         &config,
         mesh::peer::PeerName::from_bytes(mac.0),
         uid,
+        &running.handle,
         &containers,
         &control,
         &mut parts,
-    );
+    )
+    .await?;
     let state = api::ApiState {
         control,
         status: status_rx,
@@ -338,19 +340,28 @@ pub async fn run(
 
 /// IPAM's actor, its gossip carrier and Docker's events, supervised like every other part;
 /// then, in the background, the start-up prune and pre-claims. `None` when IPAM is off.
-fn start_ipam(
+async fn start_ipam(
     config: &RouterConfig,
     me: mesh::peer::PeerName,
     uid: u64,
+    mesh: &mesh_shell::MeshHandle,
     containers: &Arc<dyn containers::ContainerDirectory>,
     control: &control::ControlHandle,
     parts: &mut supervise::Supervisor,
-) -> Option<ipam_shell::IpamHandle> {
-    let settings = config.ipam.clone()?;
+) -> Result<Option<ipam_shell::IpamHandle>, RouterError> {
+    let Some(settings) = config.ipam.clone() else {
+        return Ok(None);
+    };
     let Some(factory) = ipam_shell::builtin_core() else {
         tracing::warn!("this router is built without the IP allocator: IPAM is off");
-        return None;
+        return Ok(None);
     };
+    let wire = ipam_shell::mesh_wire(mesh)
+        .await
+        .map_err(|e| RouterError::PartEnded {
+            part: "mesh",
+            why: format!("cannot open the IPAM channel: {e}"),
+        })?;
     let state = ipam_shell::StateFile::new(&config.ipam_state);
     let persisted = match state.load() {
         Ok(bytes) => bytes,
@@ -369,7 +380,7 @@ fn start_ipam(
         now: tokio::time::Instant::now().into_std(),
     });
     tracing::info!(range = %settings.range, default_subnet = %settings.default_subnet, init = ?settings.init, "IP address allocation on");
-    let ipam = ipam_shell::start(core, settings, ipam_shell::Wire::standalone(), state);
+    let ipam = ipam_shell::start(core, settings, wire, state);
     parts.spawn("ipam", ipam.actor);
     parts.spawn("ipam gossip", ipam.outgoing);
     parts.spawn(
@@ -380,7 +391,7 @@ fn start_ipam(
     tokio::spawn(async move {
         ipam_shell::startup_claims(&handle, &*containers, &control).await;
     });
-    Some(ipam.handle)
+    Ok(Some(ipam.handle))
 }
 
 /// Create (or reuse) the bridge `name` with `mtu` in the calling thread's network namespace and

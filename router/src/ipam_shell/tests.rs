@@ -383,3 +383,55 @@ async fn leave_cancels_whoever_waits() {
     r.handle.container_event("c9", ContainerEvent::Died).await;
     eventually("died event reached the core", || log.has("Died c9")).await;
 }
+
+/// The real allocator behind the actor: a lone peer (quorum 1) allocates at once, saves its
+/// state, and a new actor built from that state knows the container's address.
+#[tokio::test]
+async fn the_allocator_keeps_addresses_across_a_restart() {
+    let state = scratch("real");
+    let me = peer("aa:00:00:00:00:01");
+    let make = |persisted: Option<Vec<u8>>| {
+        let factory = builtin_core().expect("built in");
+        factory(CoreInit {
+            settings: settings(),
+            me,
+            nickname: "one".into(),
+            uid: 7,
+            persisted,
+            request_timeout: Duration::from_secs(5),
+            now: now(),
+        })
+    };
+    let run = |core: Box<dyn Core>| {
+        let log = Arc::new(Log::default());
+        let (events_tx, events_rx) = mpsc::channel::<AppEvent>(8);
+        let wire = Wire {
+            events: futures::stream::unfold(events_rx, |mut rx| async move {
+                rx.recv().await.map(|e| (e, rx))
+            })
+            .boxed(),
+            transport: Arc::new(FakeTransport { log }),
+        };
+        let parts = start(core, settings(), wire, state.clone());
+        tokio::spawn(parts.actor);
+        tokio::spawn(parts.outgoing);
+        (parts.handle, events_tx)
+    };
+    let (first, _events) = run(make(None));
+    let a = first.allocate("c1", None).await.expect("address");
+    let b = first.allocate("c2", None).await.expect("address");
+    assert_ne!(a, b);
+    assert!(settings().range.contains(a.addr) && settings().range.contains(b.addr));
+    assert_eq!(
+        first.allocate("c1", None).await,
+        Ok(a),
+        "idempotent per container"
+    );
+    assert_eq!(first.status()["Status"], "ready");
+    let saved = state.load().expect("load").expect("saved");
+    let (second, _events2) = run(make(Some(saved)));
+    assert_eq!(second.lookup("c1", None).await, Ok(vec![a]));
+    let c = second.allocate("c3", None).await.expect("address");
+    assert!(c != a && c != b, "{c} collides");
+    let _ = state.remove();
+}

@@ -29,6 +29,8 @@ pub struct EntryView {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, rename_all = "PascalCase")]
 pub struct IpamView {
+    /// The allocator's own `Status:` line, when it says.
+    pub status: String,
     pub paxos: Option<PaxosView>,
     pub range: String,
     #[serde(rename = "RangeNumIPs")]
@@ -52,6 +54,9 @@ impl IpamView {
 
     /// The `Status:` line.
     pub fn status_line(&self) -> String {
+        if !self.status.is_empty() {
+            return self.status.clone();
+        }
         if let Some(p) = &self.paxos {
             return if p.elector {
                 format!(
@@ -154,6 +159,12 @@ mod tests {
         );
         v["Paxos"] = json!({"Elector": false, "KnownNodes": 0, "Quorum": 0});
         assert_eq!(IpamView::from_report(&v).status_line(), "priming");
+        v["Status"] = json!("ready");
+        assert_eq!(
+            IpamView::from_report(&v).status_line(),
+            "ready",
+            "the core's word wins"
+        );
         let mut v = base.clone();
         v["Entries"] = json!([entry("10.32.0.0", 524288, "aa:00:00:00:00:01", "one", true)]);
         assert_eq!(IpamView::from_report(&v).status_line(), "ready");
