@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use weave_integration::weave::{launch, underlay, wait_established};
@@ -142,4 +142,260 @@ fn one_host_allocates_from_the_range_and_keeps_addresses_across_a_restart() -> R
         ensure!(hide.stdout_trim() == exposed_ip.to_string(), "hide: {hide}");
         Ok(())
     })
+}
+
+/// `weave launch <extra> <every other host>` on each host of `c`, then waits until each has an
+/// established connection with every other.
+fn launch_all(c: &Cluster, extra: &[&str]) -> Result<()> {
+    let addrs: Vec<String> = c.hosts().iter().map(underlay).collect::<Result<_>>()?;
+    for (i, h) in c.hosts().iter().enumerate() {
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend(
+            addrs
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, a)| a.as_str()),
+        );
+        launch(h, &args)?;
+    }
+    wait_meshed(c)
+}
+
+fn wait_meshed(c: &Cluster) -> Result<()> {
+    let addrs: Vec<String> = c.hosts().iter().map(underlay).collect::<Result<_>>()?;
+    for (i, h) in c.hosts().iter().enumerate() {
+        for (j, a) in addrs.iter().enumerate() {
+            if i != j {
+                wait_established(h, a)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every address of every weave interface on every host of `c` (bridges included).
+fn all_addrs(c: &Cluster) -> Result<Vec<(String, String)>> {
+    let mut all = Vec::new();
+    for h in c.hosts() {
+        for (id, addrs) in weave_ps(h)? {
+            for a in addrs {
+                all.push((format!("{}:{id}", h.name()), a));
+            }
+        }
+    }
+    Ok(all)
+}
+
+/// No address appears twice; all are inside 10.32.0.0/12. Returns how many there are.
+fn check_unique(c: &Cluster) -> Result<usize> {
+    let all = all_addrs(c)?;
+    let mut seen: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    for (who, cidr) in &all {
+        let (ip, _) = parse_cidr(cidr)?;
+        ensure!(
+            in_range(ip, Ipv4Addr::new(10, 32, 0, 0), 12),
+            "{who} has {cidr}, outside 10.32.0.0/12"
+        );
+        if let Some(other) = seen.insert(ip, who.clone()) {
+            bail!("{ip} is held by both {other} and {who}");
+        }
+    }
+    Ok(all.len())
+}
+
+/// Starts `per_host` containers on each host, `threads` at a time per host, all hosts at once.
+fn start_many(c: &Cluster, prefix: &str, per_host: usize, threads: usize) -> Result<()> {
+    std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (hi, h) in c.hosts().iter().enumerate() {
+            for t in 0..threads {
+                handles.push(s.spawn(move || -> Result<()> {
+                    for k in (t..per_host).step_by(threads) {
+                        run_auto(h, &format!("{prefix}{hi}x{k}"), &[])?;
+                    }
+                    Ok(())
+                }));
+            }
+        }
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().map_err(|_| anyhow!("a starter panicked"))?)
+    })
+}
+
+#[test]
+fn three_hosts_allocate_unique_addresses_across_restarts_and_partitions() -> Result<()> {
+    let cluster = Cluster::new(3)?;
+    cluster.scenario(|c| {
+        launch_all(c, &[])?;
+        // Merely connecting starts no consensus.
+        ensure!(ipam_status_line(c.host(0))? == "idle");
+
+        // Consensus: every peer primes at once (quorum 2 of the 3 given at launch).
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            let primes: Vec<_> = c
+                .hosts()
+                .iter()
+                .map(|h| s.spawn(move || h.weave(["prime"])?.ok()))
+                .collect();
+            primes
+                .into_iter()
+                .try_for_each(|p| p.join().map_err(|_| anyhow!("prime panicked"))?.map(drop))
+        })?;
+        let consensus = started.elapsed();
+        println!("IPAM consensus with 3 peers (weave prime on all, wall clock): {} ms", consensus.as_millis());
+        for h in c.hosts() {
+            ensure!(ipam_status_line(h)? == "ready", "{} not ready", h.name());
+        }
+        let shares = c.host(0).weave(["status", "ipam"])?.ok()?.stdout;
+        ensure!(shares.lines().count() == 3, "three owners:\n{shares}");
+
+        // 60 containers, 20 per host, 4 at a time per host, all hosts at once.
+        let started = Instant::now();
+        start_many(c, "m", 20, 4)?;
+        println!("60 containers started across 3 hosts in {} ms", started.elapsed().as_millis());
+        ensure!(check_unique(c)? == 60, "60 addresses");
+
+        // A router restart: its containers keep their addresses, new ones do not collide.
+        let h2 = c.host(1);
+        let before = weave_ps(h2)?;
+        h2.weave(["stop"])?.ok()?;
+        let others: Vec<String> = [c.host(0), c.host(2)].iter().map(|h| underlay(h)).collect::<Result<_>>()?;
+        launch(h2, &[others[0].as_str(), others[1].as_str()])?;
+        wait_meshed(c)?;
+        let after = weave_ps(h2)?;
+        for (id, addrs) in &before {
+            ensure!(after.get(id) == Some(addrs), "{id} had {addrs:?}, now {:?}", after.get(id));
+        }
+        for k in 0..3 {
+            run_auto(h2, &format!("r{k}"), &[])?;
+        }
+        ensure!(check_unique(c)? == 63, "63 addresses");
+
+        // A partition during allocation: each side allocates from its own ranges; after the
+        // heal nothing is held twice.
+        c.partition(0, 1)?;
+        c.partition(0, 2)?;
+        std::thread::scope(|s| {
+            let left = s.spawn(|| -> Result<()> {
+                for k in 0..4 {
+                    run_auto(c.host(0), &format!("pl{k}"), &[])?;
+                }
+                Ok(())
+            });
+            let right = s.spawn(|| -> Result<()> {
+                for k in 0..4 {
+                    run_auto(c.host(2), &format!("pr{k}"), &[])?;
+                }
+                Ok(())
+            });
+            for side in [left, right] {
+                side.join().map_err(|_| anyhow!("a side panicked"))??;
+            }
+            anyhow::Ok(())
+        })?;
+        c.heal(0, 1)?;
+        c.heal(0, 2)?;
+        wait_meshed(c)?;
+        run_auto(c.host(1), "healed", &[])?;
+        ensure!(check_unique(c)? == 72, "72 addresses");
+        Ok(())
+    })
+}
+
+/// The report's IPAM entries as (token, size, owner name).
+fn ring_entries(h: &Host) -> Result<Vec<(Ipv4Addr, u64, String)>> {
+    let report: serde_json::Value = serde_json::from_str(&h.weave(["report"])?.ok()?.stdout)?;
+    report["IPAM"]["Entries"]
+        .as_array()
+        .context("no IPAM entries in the report")?
+        .iter()
+        .map(|e| {
+            Ok((
+                e["Token"].as_str().context("token")?.parse()?,
+                e["Size"].as_u64().context("size")?,
+                e["Peer"].as_str().context("peer")?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn claims_reset_and_rmpeer_move_ranges_between_hosts() -> Result<()> {
+    let cluster = Cluster::new(3)?;
+    cluster.scenario(|c| {
+        launch_all(c, &[])?;
+        let names: Vec<String> = c
+            .hosts()
+            .iter()
+            .map(weave_integration::weave::peer_name)
+            .collect::<Result<_>>()?;
+        c.host(0).weave(["prime"])?.ok()?;
+        // Wait until host 1 has the ring too.
+        eventually("host 1 sees the ring", patience(), || {
+            ensure!(ipam_status_line(c.host(1))? == "ready");
+            Ok(())
+        })?;
+
+        // Host 0 claims an address inside host 1's range: host 1 hands it over.
+        let entries = ring_entries(c.host(0))?;
+        let (token, size, _) = entries
+            .iter()
+            .find(|(_, size, owner)| *owner == names[1] && *size > 16)
+            .cloned()
+            .with_context(|| format!("no range of {} in {entries:?}", names[1]))?;
+        let wanted = Ipv4Addr::from(u32::from(token) + (size as u32) / 2 + 3);
+        let env = format!("WEAVE_CIDR={wanted}/12");
+        run_auto(c.host(0), "claimer", &[env.as_str()])?;
+        ensure!(addrs_of(c.host(0), "claimer")? == vec![format!("{wanted}/12")]);
+        // The same address on host 1 now is refused, loudly, and no container gets it twice.
+        let refused = c.host(1).docker_proxy([
+            "run", "-d", "--name", "twice", "-e", env.as_str(), "busybox", "sleep", "100000",
+        ])?;
+        let refused = refused.fail().context("a second claim of the same address must fail")?;
+        ensure!(
+            refused.stderr.contains(&wanted.to_string()),
+            "the error names the address: {refused}"
+        );
+
+        // `weave reset` on host 2 hands its ranges over: the others own everything.
+        c.host(2).weave(["reset"])?.ok()?;
+        eventually("host 2's ranges handed over", patience(), || {
+            let owners: BTreeSet<String> =
+                ring_entries(c.host(0))?.into_iter().filter(|e| e.1 > 0).map(|e| e.2).collect();
+            ensure!(!owners.contains(&names[2]), "host 2 still owns ranges: {owners:?}");
+            Ok(())
+        })?;
+        // ... and they allocate from them.
+        start_many_on(c.host(0), "after-reset", 3)?;
+
+        // Host 1 stops for good; host 0 takes its ranges over.
+        c.host(1).weave(["stop"])?.ok()?;
+        let out = c.host(0).weave(["rmpeer", names[1].as_str()])?.ok()?;
+        let taken: u64 = out
+            .stdout_trim()
+            .split_whitespace()
+            .next()
+            .context("rmpeer prints a count")?
+            .parse()?;
+        ensure!(
+            taken > 0 && out.stdout_trim().ends_with(&format!("IPs taken over from {}", names[1])),
+            "rmpeer: {out}"
+        );
+        let shares = c.host(0).weave(["status", "ipam"])?.ok()?.stdout;
+        ensure!(
+            shares.lines().count() == 1 && shares.contains("100.0% of total"),
+            "host 0 owns everything now:\n{shares}"
+        );
+        Ok(())
+    })
+}
+
+fn start_many_on(h: &Host, prefix: &str, n: usize) -> Result<()> {
+    for k in 0..n {
+        run_auto(h, &format!("{prefix}{k}"), &[])?;
+    }
+    Ok(())
 }
