@@ -455,3 +455,43 @@ fn start_many_on(h: &Host, prefix: &str, n: usize) -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_request_that_cannot_be_served_fails_with_the_reason_instead_of_hanging() -> Result<()> {
+    let host = Host::new()?;
+    host.scenario(|h| {
+        // A peer that never answers: consensus needs 2 of 2 and can never be reached.
+        h.weave_cmd()
+            .env("WEAVE_IPAM_TIMEOUT", "3")
+            .args(["launch", "192.0.2.99"])
+            .run()?
+            .ok()?;
+        let started = Instant::now();
+        let out = h.docker_proxy([
+            "run", "-d", "--name", "waiter", "busybox", "sleep", "100000",
+        ])?;
+        let waited = started.elapsed();
+        let out = out.fail().context("no consensus: the run must fail")?;
+        ensure!(
+            out.stderr.contains("consensus") && out.stderr.contains("quorum 2"),
+            "the Docker client is told why: {out}"
+        );
+        ensure!(
+            waited < patience(),
+            "failed after {waited:?}, not at once nor never"
+        );
+        let running = h
+            .docker(["inspect", "-f", "{{.State.Running}}", "waiter"])?
+            .ok()?;
+        ensure!(
+            running.stdout_trim() == "false",
+            "the container must not run on without its network"
+        );
+        let line = ipam_status_line(h)?;
+        ensure!(
+            line == "awaiting consensus (quorum: 2, known: 1)",
+            "weave status: {line}"
+        );
+        Ok(())
+    })
+}

@@ -29,7 +29,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use config::{
     overlapping_route, overlaps, parse_init, parse_proc_net_route, parse_subnet, quorum_for,
-    settings, HostRoute, InitSpec, IpamConfigError, IpamSettings, DEFAULT_RANGE,
+    request_timeout_from, settings, HostRoute, InitSpec, IpamConfigError, IpamSettings,
+    DEFAULT_RANGE, REQUEST_TIMEOUT, REQUEST_TIMEOUT_ENV,
 };
 pub use persist::{StateFile, STATE_FILE};
 pub use view::{render_peers, render_section, IpamView};
@@ -44,9 +45,6 @@ use crate::mesh::peer::PeerName;
 pub const EXPOSE_IDENT: &str = "weave:expose";
 /// How often waiters whose caller went away are looked for.
 pub const SWEEP: Duration = Duration::from_secs(1);
-/// How long a request may wait for consensus or space before it fails with the reason: shorter
-/// than the proxy's attach timeout (30 s), so the Docker client sees why, not just "timed out".
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Requests queued for the actor before callers wait.
 const COMMAND_QUEUE: usize = 256;
 /// Gossip waiting for the mesh; beyond it sends are dropped (the core re-sends on its timers).
@@ -123,7 +121,6 @@ pub struct CoreInit {
     pub uid: u64,
     /// The state file's content, if any; the core decides whether it still applies.
     pub persisted: Option<Vec<u8>>,
-    pub request_timeout: Duration,
     pub now: Instant,
 }
 
@@ -713,7 +710,7 @@ pub fn builtin_core() -> Option<CoreFactory> {
                 InitSpec::Seed(peers) => ipam::InitMode::Seed(peers),
                 InitSpec::Observer => ipam::InitMode::Observer,
             },
-            request_timeout: init.request_timeout,
+            request_timeout: init.settings.request_timeout,
         };
         Box::new(ipam::Allocator::new(
             config,

@@ -376,7 +376,6 @@ async fn start_ipam(
         nickname: config.nickname.clone(),
         uid,
         persisted,
-        request_timeout: ipam_shell::REQUEST_TIMEOUT,
         now: tokio::time::Instant::now().into_std(),
     });
     tracing::info!(range = %settings.range, default_subnet = %settings.default_subnet, init = ?settings.init, "IP address allocation on");

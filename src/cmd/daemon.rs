@@ -43,12 +43,22 @@ fn api_socket_group(docker_api: &str) -> u32 {
 pub async fn router(args: RouterArgs, client: RouterClient) -> Result<()> {
     let containers = weave_router::containers::Dockerd::connect(&args.docker_api)
         .context("the router asks dockerd which containers exist")?;
-    let ipam = weave_router::ipam_shell::settings(
+    let mut ipam = weave_router::ipam_shell::settings(
         args.ipam.ipalloc_range.as_deref().unwrap_or(""),
         args.ipam.ipalloc_default_subnet.as_deref(),
         args.ipam.ipalloc_init.as_deref(),
         args.peers.len(),
     )?;
+    if let (Some(ipam), Some(timeout)) = (
+        ipam.as_mut(),
+        weave_router::ipam_shell::request_timeout_from(
+            std::env::var(weave_router::ipam_shell::REQUEST_TIMEOUT_ENV)
+                .ok()
+                .as_deref(),
+        ),
+    ) {
+        ipam.request_timeout = timeout;
+    }
     let config = weave_router::RouterConfig {
         http_addr: client.addr(),
         api_socket: client.socket().to_path_buf(),

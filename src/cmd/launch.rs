@@ -70,12 +70,11 @@ pub async fn run(args: LaunchArgs, router: &RouterClient) -> Result<()> {
     if let Some(password) = &args.password {
         router_env.push(format!("WEAVE_PASSWORD={password}"));
     }
-    // Hidden: tests shorten the mesh's rekey period with it.
-    if let Some(v) = std::env::var("WEAVE_REKEY_INTERVAL")
-        .ok()
-        .filter(|v| !v.is_empty())
-    {
-        router_env.push(format!("WEAVE_REKEY_INTERVAL={v}"));
+    // Hidden: tests shorten the mesh's rekey period and IPAM's request timeout with them.
+    for var in ["WEAVE_REKEY_INTERVAL", ipam_shell::REQUEST_TIMEOUT_ENV] {
+        if let Some(v) = std::env::var(var).ok().filter(|v| !v.is_empty()) {
+            router_env.push(format!("{var}={v}"));
+        }
     }
     // Both daemons reach dockerd: the router to check that what it attaches is a container,
     // the proxy to forward the API.

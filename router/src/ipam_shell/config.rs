@@ -3,6 +3,7 @@
 //! Spec ipam-dns-cli §1.1.
 
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use weave_api::addr::Ipv4Cidr;
 
@@ -32,6 +33,21 @@ pub struct IpamSettings {
     /// Where `net:default` (and no address at all) allocates.
     pub default_subnet: Ipv4Cidr,
     pub init: InitSpec,
+    /// How long a request may wait for consensus or space before it fails with the reason.
+    pub request_timeout: Duration,
+}
+
+/// Hidden: tests shorten the IPAM request timeout with it (seconds).
+pub const REQUEST_TIMEOUT_ENV: &str = "WEAVE_IPAM_TIMEOUT";
+
+/// The default request timeout: shorter than the proxy's attach timeout (30 s), so the Docker
+/// client sees why, not just "timed out".
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A `WEAVE_IPAM_TIMEOUT` value (whole seconds, at least 1); `None` if unusable.
+pub fn request_timeout_from(value: Option<&str>) -> Option<Duration> {
+    let secs: u64 = value?.trim().parse().ok()?;
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -170,6 +186,7 @@ pub fn settings(
         range,
         default_subnet,
         init: parse_init(init, peers_given)?,
+        request_timeout: REQUEST_TIMEOUT,
     }))
 }
 
@@ -319,6 +336,17 @@ mod tests {
             Err(IpamConfigError::NeedsRange("ipalloc-init"))
         );
         assert!(settings("10.32.0.0/12", None, Some("bogus"), 0).is_err());
+    }
+
+    #[test]
+    fn request_timeouts() {
+        assert_eq!(
+            request_timeout_from(Some("3")),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(request_timeout_from(Some("0")), None);
+        assert_eq!(request_timeout_from(Some("x")), None);
+        assert_eq!(request_timeout_from(None), None);
     }
 
     #[test]

@@ -208,6 +208,7 @@ fn settings() -> IpamSettings {
         range: cidr("10.32.0.0/12"),
         default_subnet: cidr("10.32.0.0/12"),
         init: InitSpec::Consensus { quorum: 1 },
+        request_timeout: Duration::from_secs(5),
     }
 }
 
@@ -398,7 +399,6 @@ async fn the_allocator_keeps_addresses_across_a_restart() {
             nickname: "one".into(),
             uid: 7,
             persisted,
-            request_timeout: Duration::from_secs(5),
             now: now(),
         })
     };
