@@ -66,3 +66,28 @@ impl App for IpamApp {
         self.sends.pop_front()
     }
 }
+
+/// A shared handle, so a test can drive the allocator the simulated node hosts.
+pub type SharedIpam = std::rc::Rc<std::cell::RefCell<IpamApp>>;
+
+impl App for SharedIpam {
+    fn channel(&self) -> &'static str {
+        IPAM_CHANNEL
+    }
+
+    fn on_event(&mut self, now: Instant, event: AppEvent) -> Result<(), String> {
+        self.borrow_mut().on_event(now, event)
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.borrow_mut().handle_timeout(now);
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.borrow().poll_timeout()
+    }
+
+    fn poll_send(&mut self) -> Option<AppSend> {
+        self.borrow_mut().poll_send()
+    }
+}

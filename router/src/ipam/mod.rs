@@ -14,7 +14,11 @@ pub mod allocator;
 pub mod app;
 pub mod codec;
 pub mod paxos;
+#[cfg(test)]
+mod proptests;
 pub mod ring;
+#[cfg(test)]
+mod simtests;
 pub mod space;
 #[cfg(test)]
 mod tests;

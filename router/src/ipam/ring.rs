@@ -338,7 +338,13 @@ impl Ring {
                     m
                 } else if m.version == t.version {
                     if m.peer == t.peer {
-                        m
+                        // Only the owner changes counts, bumping the version: equal versions
+                        // normally agree. Larger wins so that merges commute.
+                        if t.free > m.free {
+                            t
+                        } else {
+                            m
+                        }
                     } else if m.peer == me && range_allocated() {
                         return Err(RingError::InconsistentEntry {
                             token: ip(m.token),
