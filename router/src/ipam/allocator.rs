@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand_core::RngCore;
@@ -88,6 +89,9 @@ pub struct Allocator {
     /// Peers we had IPAM messages from.
     ipam_peers: BTreeSet<PeerName>,
     owned: BTreeMap<String, Owned>,
+    /// `owned` as persisted, kept in step, shared with the [`Persisted`] handed out (so
+    /// persisting after a change costs O(1) here, not O(containers)).
+    persist_owned: Arc<BTreeMap<String, PersistedOwned>>,
     dead: BTreeMap<String, Instant>,
     primes: Vec<PendingPrime>,
     claims: Vec<PendingClaim>,
@@ -193,6 +197,7 @@ impl Allocator {
             reachable: BTreeSet::new(),
             ipam_peers: BTreeSet::new(),
             owned: BTreeMap::new(),
+            persist_owned: Arc::default(),
             dead: BTreeMap::new(),
             primes: Vec::new(),
             claims: Vec::new(),
@@ -220,6 +225,7 @@ impl Allocator {
                     a.ring = Ring::new(start, end, me);
                     a.space.clear();
                     a.owned.clear();
+                    a.persist_owned = Arc::default();
                     a.dirty = true;
                 }
             }
@@ -274,7 +280,7 @@ impl Allocator {
             .collect::<Result<_, _>>()?;
         ring.check_invariants().map_err(|e| e.to_string())?;
         let mut owned = BTreeMap::new();
-        for (ident, o) in &p.owned {
+        for (ident, o) in p.owned.iter() {
             let cidrs = o
                 .cidrs
                 .iter()
@@ -303,6 +309,7 @@ impl Allocator {
             }
         }
         self.owned = owned;
+        self.persist_owned = Arc::new(p.owned.as_ref().clone());
         self.report_free();
         Ok(())
     }
@@ -576,6 +583,7 @@ impl Allocator {
         }
         self.space.clear();
         self.owned.clear();
+        self.persist_owned = Arc::default();
         self.dead.clear();
         self.paxos = None;
         self.proposing = false;
@@ -807,13 +815,16 @@ impl Allocator {
         }
     }
 
-    /// `src` has nothing free in `[start, end)`: claims of an address there fail.
+    /// `src` has nothing free in `[start, end)`: claims of an address there that `src` still
+    /// owns fail. (Its ring came just before: a claim whose address it gave away meanwhile
+    /// has been sent on to the new owner.)
     fn denied(&mut self, src: PeerName, start: u64, end: u64) {
         let mut failed = Vec::new();
         let owner = self.label(src);
+        let ring = &self.ring;
         self.claims.retain(|c| {
             let a = u64::from(u32::from(c.cidr.addr));
-            if a >= start && a < end {
+            if a >= start && a < end && ring.owner(a) == Some(src) {
                 failed.push((c.id, c.cidr.addr));
                 false
             } else {
@@ -1063,14 +1074,34 @@ impl Allocator {
             (ident.to_string(), looks_like_container(ident))
         };
         self.owned
-            .entry(key)
+            .entry(key.clone())
             .or_insert(Owned {
                 is_container,
                 cidrs: Vec::new(),
             })
             .cidrs
             .push(cidr);
+        self.persist_ident(&key);
         self.dirty = true;
+    }
+
+    /// Bring `persist_owned`'s entry for `ident` in step with `owned`.
+    fn persist_ident(&mut self, ident: &str) {
+        let map = Arc::make_mut(&mut self.persist_owned);
+        match self.owned.get(ident) {
+            Some(o) => {
+                map.insert(
+                    ident.to_string(),
+                    PersistedOwned {
+                        is_container: o.is_container,
+                        cidrs: o.cidrs.iter().map(ToString::to_string).collect(),
+                    },
+                );
+            }
+            None => {
+                map.remove(ident);
+            }
+        }
     }
 
     /// Drop one address of `ident` from the records, and free it in our space.
@@ -1083,6 +1114,7 @@ impl Allocator {
             }
         }
         self.space.release(u64::from(u32::from(addr)));
+        self.persist_ident(ident);
         self.dirty = true;
     }
 
@@ -1091,6 +1123,7 @@ impl Allocator {
             for c in o.cidrs {
                 self.space.release(u64::from(u32::from(c.addr)));
             }
+            self.persist_ident(ident);
             self.dirty = true;
         }
         self.dead.remove(ident);
@@ -1410,19 +1443,7 @@ impl Allocator {
                     .collect(),
                 seeds: self.ring.seeds.iter().map(ToString::to_string).collect(),
             },
-            owned: self
-                .owned
-                .iter()
-                .map(|(k, o)| {
-                    (
-                        k.clone(),
-                        PersistedOwned {
-                            is_container: o.is_container,
-                            cidrs: o.cidrs.iter().map(ToString::to_string).collect(),
-                        },
-                    )
-                })
-                .collect(),
+            owned: self.persist_owned.clone(),
             nicknames: self
                 .nicknames
                 .iter()
@@ -1544,6 +1565,20 @@ impl Allocator {
                     return Err(format!("{c} recorded but free"));
                 }
             }
+        }
+        let fresh: BTreeMap<String, PersistedOwned> = self
+            .owned
+            .iter()
+            .map(|(k, o)| {
+                let p = PersistedOwned {
+                    is_container: o.is_container,
+                    cidrs: o.cidrs.iter().map(ToString::to_string).collect(),
+                };
+                (k.clone(), p)
+            })
+            .collect();
+        if *self.persist_owned != fresh {
+            return Err("the persisted owned map is out of step".into());
         }
         Ok(())
     }
