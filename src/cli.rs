@@ -101,6 +101,14 @@ pub enum Command {
     },
     /// Print the version of this client and of the running router.
     Version,
+    /// Wait until this peer has joined the IP allocation ring (starting consensus if needed).
+    Prime,
+    /// Take over the address ranges of peers that are gone for good: `weave rmpeer <peer>...`
+    /// (peer name or nickname). Never run it for the same peer on two hosts.
+    Rmpeer {
+        #[arg(required = true)]
+        peers: Vec<String>,
+    },
     /// Run the router daemon in the foreground (what the `weave` container runs).
     #[command(hide = true)]
     Router(RouterArgs),
@@ -140,9 +148,27 @@ pub struct LaunchArgs {
     #[arg(long, value_parser = parse_subnets)]
     pub trusted_subnets: Option<Subnets>,
     #[command(flatten)]
+    pub ipam: IpamArgs,
+    #[command(flatten)]
     pub proxy_opts: ProxyOptions,
     /// Peers to connect to (`host[:port]`).
     pub peers: Vec<String>,
+}
+
+/// IP address allocation flags, shared by `weave launch` and the router daemon.
+#[derive(Debug, Clone, Default, Args)]
+pub struct IpamArgs {
+    /// Addresses IPAM hands out, on every host alike (launch default 10.32.0.0/12; "" turns
+    /// IPAM off).
+    #[arg(long, visible_alias = "iprange")]
+    pub ipalloc_range: Option<String>,
+    /// Subnet for containers that ask for no particular one (default: the whole range).
+    #[arg(long)]
+    pub ipalloc_default_subnet: Option<String>,
+    /// How the ring is created: consensus[=N] (default, N = peers given + 1), seed=<name>,...,
+    /// or observer.
+    #[arg(long)]
+    pub ipalloc_init: Option<String>,
 }
 
 /// `--trusted-subnets a/b,c/d`, validated and normalised to networks (`10.1.2.3/8` →
@@ -233,6 +259,12 @@ pub struct RouterArgs {
     /// Peers in these subnets (a/b,c/d) that trust us too get unencrypted UDP.
     #[arg(long, value_parser = parse_subnets)]
     pub trusted_subnets: Option<Subnets>,
+    /// IPAM (off unless --ipalloc-range is given; `weave launch` always gives one).
+    #[command(flatten)]
+    pub ipam: IpamArgs,
+    /// Where IPAM keeps its state across restarts.
+    #[arg(long, default_value = weave_router::ipam_shell::STATE_FILE, hide = true)]
+    pub ipam_state: PathBuf,
     pub peers: Vec<String>,
 }
 
@@ -328,6 +360,31 @@ mod tests {
             Ok(Command::Env { restore: true })
         ));
         assert!(parse(&["weave", "attach"]).is_err());
+        assert!(matches!(parse(&["weave", "prime"]), Ok(Command::Prime)));
+        assert!(matches!(
+            parse(&["weave", "rmpeer", "host2", "aa:bb:cc:dd:ee:ff"]),
+            Ok(Command::Rmpeer { ref peers }) if peers.len() == 2
+        ));
+        assert!(parse(&["weave", "rmpeer"]).is_err());
+        match parse(&[
+            "weave",
+            "launch",
+            "--iprange",
+            "172.30.0.0/16",
+            "--ipalloc-init=seed=::1,::2",
+            "h1",
+        ]) {
+            Ok(Command::Launch(a)) => {
+                assert_eq!(a.ipam.ipalloc_range.as_deref(), Some("172.30.0.0/16"));
+                assert_eq!(a.ipam.ipalloc_init.as_deref(), Some("seed=::1,::2"));
+                assert_eq!(a.peers, ["h1"]);
+            }
+            other => panic!("launch with IPAM flags: {other:?}"),
+        }
+        assert!(matches!(
+            parse(&["weave", "launch", "--ipalloc-range", ""]),
+            Ok(Command::Launch(LaunchArgs { ipam: IpamArgs { ipalloc_range: Some(ref r), .. }, .. })) if r.is_empty()
+        ));
         assert!(parse(&["weave", "frobnicate"]).is_err());
     }
 }

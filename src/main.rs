@@ -55,7 +55,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Launch(args) => cmd::launch::run(args, &router).await,
         Command::Stop => cmd::stop::stop().await,
-        Command::Reset { force } => cmd::stop::reset(force).await,
+        Command::Reset { force } => cmd::stop::reset(&router, force).await,
         Command::Env { restore } => cmd::env::env(&router, restore).await,
         Command::Config => cmd::env::config(&router).await,
         Command::Status { sub } => cmd::status::status(&router, sub.as_deref()).await,
@@ -63,6 +63,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Connect { replace, peers } => cmd::mesh::connect(&router, &peers, replace).await,
         Command::Forget { peers } => cmd::mesh::forget(&router, &peers).await,
         Command::Version => cmd::status::version(&router).await,
+        Command::Prime => cmd::mesh::prime(&router).await,
+        Command::Rmpeer { peers } => cmd::mesh::rmpeer(&router, &peers).await,
         Command::Ps { containers } => cmd::container::ps(&router, &containers).await,
         Command::Attach(args) => cmd::container::attach(&router, args).await,
         Command::Detach { args } => cmd::container::detach(&router, &args).await,

@@ -1,8 +1,8 @@
 //! HTTP client for the router's API (shell). Used by the CLI and the proxy, so the routes and
 //! their bodies are spelled in one place. Routes that only read go to the TCP address; routes
-//! that change the network (attach, detach, expose, hide, connect, forget, and `interfaces`,
-//! which enters other processes' namespaces) go to the unix socket, which the router serves to
-//! root and the docker group only.
+//! that change the network (attach, detach, expose, hide, connect, forget, IPAM's allocate,
+//! claim, free, prime, leave and rmpeer, and `interfaces`, which enters other processes'
+//! namespaces) go to the unix socket, which the router serves to root and the docker group only.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -142,6 +142,111 @@ impl RouterClient {
         self.send(Listener::Socket, Method::DELETE, &path, None)
             .await
             .map(drop)
+    }
+
+    /// `POST /ip/{ident}[/{subnet}]`: an address from IPAM (`None`: the default subnet). Waits
+    /// for consensus or space (the router gives up with the reason). `Ok(None)` when the request
+    /// was cancelled (with `check_alive`: the container is not running).
+    pub async fn allocate(
+        &self,
+        ident: &str,
+        subnet: Option<Ipv4Cidr>,
+        check_alive: bool,
+    ) -> Result<Option<Ipv4Cidr>, ClientError> {
+        let mut path = format!("/ip/{ident}");
+        if let Some(s) = subnet {
+            path.push_str(&format!("/{}/{}", s.addr, s.prefix_len));
+        }
+        if check_alive {
+            path.push_str("?check-alive=true");
+        }
+        let body = self
+            .send(Listener::Socket, Method::POST, &path, None)
+            .await?;
+        let text = String::from_utf8_lossy(&body).trim().to_string();
+        if text == "cancelled" {
+            return Ok(None);
+        }
+        text.parse()
+            .map(Some)
+            .map_err(|_| ClientError::BadReply(format!("not an address: {text:?}")))
+    }
+
+    /// `PUT /ip/{ident}/{ip}/{len}`: record this exact address as `ident`'s. `Ok(false)` when
+    /// cancelled.
+    pub async fn claim(
+        &self,
+        ident: &str,
+        cidr: Ipv4Cidr,
+        check_alive: bool,
+    ) -> Result<bool, ClientError> {
+        let mut path = format!("/ip/{ident}/{}/{}", cidr.addr, cidr.prefix_len);
+        if check_alive {
+            path.push_str("?check-alive=true");
+        }
+        let body = self
+            .send(Listener::Socket, Method::PUT, &path, None)
+            .await?;
+        Ok(String::from_utf8_lossy(&body).trim() != "cancelled")
+    }
+
+    /// `GET /ip/{ident}[/{subnet}]`: the addresses IPAM holds for `ident` (never waits).
+    pub async fn lookup(
+        &self,
+        ident: &str,
+        subnet: Option<Ipv4Cidr>,
+    ) -> Result<Vec<Ipv4Cidr>, ClientError> {
+        let mut path = format!("/ip/{ident}");
+        if let Some(s) = subnet {
+            path.push_str(&format!("/{}/{}", s.addr, s.prefix_len));
+        }
+        let text = self.get_text(&path).await?;
+        text.split_whitespace()
+            .map(|c| {
+                c.parse()
+                    .map_err(|_| ClientError::BadReply(format!("not an address: {c:?}")))
+            })
+            .collect()
+    }
+
+    /// `DELETE /ip/{ident}/{ip}`: give one address back.
+    pub async fn free(&self, ident: &str, addr: std::net::Ipv4Addr) -> Result<(), ClientError> {
+        self.send(
+            Listener::Socket,
+            Method::DELETE,
+            &format!("/ip/{ident}/{addr}"),
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `GET /ring`: wait until this peer has joined the IPAM ring.
+    pub async fn prime(&self) -> Result<(), ClientError> {
+        self.send(Listener::Socket, Method::GET, "/ring", None)
+            .await
+            .map(drop)
+    }
+
+    /// `DELETE /peer`: hand this peer's address ranges to another peer (before `weave reset`).
+    pub async fn leave(&self) -> Result<(), ClientError> {
+        self.send(Listener::Socket, Method::DELETE, "/peer", None)
+            .await
+            .map(drop)
+    }
+
+    /// `DELETE /peer/{peer}`: take over a dead peer's ranges; the router's sentence
+    /// (`N IPs taken over from X`).
+    pub async fn rmpeer(&self, peer: &str) -> Result<String, ClientError> {
+        let body = self
+            .send(
+                Listener::Socket,
+                Method::DELETE,
+                &format!("/peer/{peer}"),
+                None,
+            )
+            .await?;
+        String::from_utf8(body.to_vec()).map_err(|e| ClientError::BadReply(e.to_string()))
     }
 
     /// `POST /connect`: add mesh peers (`replace`: instead of the current ones). A 400 carries

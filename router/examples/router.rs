@@ -47,6 +47,8 @@ async fn main() -> ExitCode {
         discovery: true,
         conn_limit: weave_router::DEFAULT_CONN_LIMIT,
         trusted_subnets: Vec::new(),
+        ipam: None,
+        ipam_state: std::env::temp_dir().join("weave-ipam-unused.json"),
     };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -13,6 +13,11 @@
 //! `DELETE /expose/{ip}/{len}` (204), `POST /connect` (form `peer=…` repeatable, `replace=true`;
 //! 200, or 400 with one line per bad peer), `POST /forget` (form `peer=…`; 200), and `GET /` or
 //! `GET /health` for readiness.
+//! IPAM (spec ipam-dns-cli §1.9; 404 when `--ipalloc-range ""`): `POST|GET /ip/{id}[/{ip}/{len}]`
+//! (allocate, lookup), `PUT /ip/{id}/{ip}/{len}` (claim), `DELETE /ip/{id}[/{ip}]`, `GET /ip`,
+//! `GET /ipinfo/defaultsubnet`, `GET /ipinfo/tracker`, `GET /ring` (prime), `DELETE /peer`
+//! (leave), `DELETE /peer/{name}` (rmpeer), `GET /status/ipam`. Attach resolves `net:` specs and
+//! no address at all through IPAM, and claims explicit addresses, for the container's id.
 //! Errors are `{"message": ...}`: 400 for bad input, 403 for a route this listener or client may
 //! not use, 404 for unknown routes or absent things, 500 for operational failures.
 
@@ -42,6 +47,7 @@ use crate::api_types::{ApiError, AttachRequest, DetachRequest, DetachResponse};
 use crate::bridge::BridgeError;
 use crate::containers::{self, ContainerDirectory, ContainerError};
 use crate::control::{ControlError, ControlHandle};
+use crate::ipam_shell::{self, IpamCallError, IpamHandle};
 use crate::status::{self, StatusSnapshot};
 
 /// Largest request body accepted.
@@ -50,9 +56,9 @@ const MAX_BODY: usize = 64 * 1024;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The message for address specs that need IPAM.
-pub const IPAM_UNAVAILABLE: &str =
-    "IP address allocation (IPAM) is not available yet: use an explicit address like 10.32.1.1/24";
+/// The message for address specs that need IPAM when it is off.
+pub const IPAM_UNAVAILABLE: &str = "IP address allocation must be enabled to use 'net:' \
+     (weave was launched with --ipalloc-range \"\"): use an explicit address like 10.32.1.1/24";
 /// `GET /interfaces/{target}` for the bridge itself.
 pub const BRIDGE_TARGET: &str = "weave:expose";
 
@@ -67,6 +73,8 @@ pub(crate) struct ApiState {
     pub(crate) status: watch::Receiver<StatusSnapshot>,
     pub(crate) mesh: crate::mesh_shell::MeshHandle,
     pub(crate) containers: Arc<dyn ContainerDirectory>,
+    /// `None` when IPAM is off.
+    pub(crate) ipam: Option<IpamHandle>,
 }
 
 /// The two listeners: TCP for reading, the unix socket (and its group) for everything.
@@ -82,6 +90,7 @@ pub(crate) enum StatusView {
     Targets,
     Connections,
     Peers,
+    Ipam,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,13 +106,58 @@ pub(crate) enum Route {
     Status(StatusView),
     Report,
     ProxyAddrs,
-    Attach { container: String },
-    Detach { container: String },
+    Attach {
+        container: String,
+    },
+    Detach {
+        container: String,
+    },
     Interfaces(InterfaceTarget),
-    Expose { cidr: Ipv4Cidr, skip_nat: bool },
-    Hide { cidr: Ipv4Cidr },
+    Expose {
+        cidr: Ipv4Cidr,
+        skip_nat: bool,
+    },
+    Hide {
+        cidr: Ipv4Cidr,
+    },
     Connect,
     Forget,
+    /// `POST /ip/{id}[/{subnet}]`.
+    IpAllocate {
+        ident: String,
+        subnet: Option<Ipv4Cidr>,
+    },
+    /// `GET /ip/{id}[/{subnet}]`.
+    IpLookup {
+        ident: String,
+        subnet: Option<Ipv4Cidr>,
+    },
+    /// `PUT /ip/{id}/{ip}/{len}`.
+    IpClaim {
+        ident: String,
+        cidr: Ipv4Cidr,
+    },
+    /// `DELETE /ip/{id}/{ip}`.
+    IpFree {
+        ident: String,
+        addr: std::net::Ipv4Addr,
+    },
+    /// `DELETE /ip/{id}`.
+    IpDelete {
+        ident: String,
+    },
+    /// `GET /ip`.
+    IpOwned,
+    IpDefaultSubnet,
+    IpTracker,
+    /// `GET /ring`.
+    Prime,
+    /// `DELETE /peer`.
+    Leave,
+    /// `DELETE /peer/{name}`.
+    RmPeer {
+        peer: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,7 +171,21 @@ impl Route {
     /// Does this route change the network (or enter other processes' namespaces)?
     pub(crate) fn needs_full_access(&self) -> bool {
         match self {
-            Route::Health | Route::Status(_) | Route::Report | Route::ProxyAddrs => false,
+            Route::Health
+            | Route::Status(_)
+            | Route::Report
+            | Route::ProxyAddrs
+            | Route::IpLookup { .. }
+            | Route::IpOwned
+            | Route::IpDefaultSubnet
+            | Route::IpTracker => false,
+            Route::IpAllocate { .. }
+            | Route::IpClaim { .. }
+            | Route::IpFree { .. }
+            | Route::IpDelete { .. }
+            | Route::Prime
+            | Route::Leave
+            | Route::RmPeer { .. } => true,
             Route::Attach { .. }
             | Route::Detach { .. }
             | Route::Interfaces(_)
@@ -236,6 +304,7 @@ pub(crate) fn parse_route(
                 "targets" => StatusView::Targets,
                 "connections" => StatusView::Connections,
                 "peers" => StatusView::Peers,
+                "ipam" => StatusView::Ipam,
                 _ => return Err(not_found()),
             };
             (&[Method::GET], Ok(Route::Status(view)))
@@ -251,6 +320,63 @@ pub(crate) fn parse_route(
         ["detach", id] => (
             &[Method::POST],
             container_id(id).map(|container| Route::Detach { container }),
+        ),
+        ["ip"] => (&[Method::GET], Ok(Route::IpOwned)),
+        ["ip", id] => {
+            let ident = container_id(id);
+            let route = match *method {
+                Method::POST => ident.map(|ident| Route::IpAllocate {
+                    ident,
+                    subnet: None,
+                }),
+                Method::DELETE => ident.map(|ident| Route::IpDelete { ident }),
+                _ => ident.map(|ident| Route::IpLookup {
+                    ident,
+                    subnet: None,
+                }),
+            };
+            (&[Method::GET, Method::POST, Method::DELETE], route)
+        }
+        ["ip", id, ip] => {
+            let route = container_id(id).and_then(|ident| {
+                let addr = ip
+                    .parse()
+                    .map_err(|_| RouteError::BadRequest(format!("invalid IP address {ip:?}")))?;
+                Ok(Route::IpFree { ident, addr })
+            });
+            (&[Method::DELETE], route)
+        }
+        ["ip", id, ip, len] => {
+            let route = container_id(id).and_then(|ident| {
+                if *method == Method::PUT {
+                    return Ok(Route::IpClaim {
+                        ident,
+                        cidr: parse_cidr(ip, len)?,
+                    });
+                }
+                let subnet = ipam_shell::parse_subnet("subnet", &format!("{ip}/{len}"))
+                    .map_err(|e| RouteError::BadRequest(e.to_string()))?;
+                Ok(if *method == Method::POST {
+                    Route::IpAllocate {
+                        ident,
+                        subnet: Some(subnet),
+                    }
+                } else {
+                    Route::IpLookup {
+                        ident,
+                        subnet: Some(subnet),
+                    }
+                })
+            });
+            (&[Method::GET, Method::POST, Method::PUT], route)
+        }
+        ["ipinfo", "defaultsubnet"] => (&[Method::GET], Ok(Route::IpDefaultSubnet)),
+        ["ipinfo", "tracker"] => (&[Method::GET], Ok(Route::IpTracker)),
+        ["ring"] => (&[Method::GET], Ok(Route::Prime)),
+        ["peer"] => (&[Method::DELETE], Ok(Route::Leave)),
+        ["peer", peer] => (
+            &[Method::DELETE],
+            container_id(peer).map(|peer| Route::RmPeer { peer }),
         ),
         ["interfaces", target] => {
             let target = if *target == BRIDGE_TARGET {
@@ -308,20 +434,16 @@ pub(crate) fn usable(cidr: &Ipv4Cidr) -> Result<(), String> {
     Ok(())
 }
 
-/// Explicit addresses only (deduplicated, order kept): `net:` specs need IPAM.
-pub(crate) fn explicit_addrs(specs: &[AddrSpec]) -> Result<Vec<Ipv4Cidr>, String> {
-    let mut out: Vec<Ipv4Cidr> = Vec::with_capacity(specs.len());
+/// The specs with explicit addresses checked (deduplicated, order kept); `net:` ones are
+/// resolved through IPAM later.
+pub(crate) fn checked_specs(specs: &[AddrSpec]) -> Result<Vec<AddrSpec>, String> {
+    let mut out: Vec<AddrSpec> = Vec::with_capacity(specs.len());
     for spec in specs {
-        match spec {
-            AddrSpec::Explicit(cidr) => {
-                usable(cidr)?;
-                if !out.contains(cidr) {
-                    out.push(*cidr);
-                }
-            }
-            AddrSpec::Subnet(_) | AddrSpec::DefaultSubnet => {
-                return Err(IPAM_UNAVAILABLE.to_string())
-            }
+        if let AddrSpec::Explicit(cidr) = spec {
+            usable(cidr)?;
+        }
+        if !out.contains(spec) {
+            out.push(*spec);
         }
     }
     Ok(out)
@@ -334,19 +456,217 @@ fn check_pid(pid: i32) -> Result<(), String> {
     Ok(())
 }
 
-/// The addresses an attach asks for; an attach without any would need IPAM.
-pub(crate) fn validate_attach(req: &AttachRequest) -> Result<Vec<Ipv4Cidr>, String> {
+/// The addresses an attach asks for; none at all means one from the default subnet.
+pub(crate) fn validate_attach(req: &AttachRequest) -> Result<Vec<AddrSpec>, String> {
     check_pid(req.pid)?;
     if req.addrs.is_empty() {
-        return Err(IPAM_UNAVAILABLE.to_string());
+        return Ok(vec![AddrSpec::DefaultSubnet]);
     }
-    explicit_addrs(&req.addrs)
+    checked_specs(&req.addrs)
 }
 
 /// The addresses a detach removes (empty = all).
-pub(crate) fn validate_detach(req: &DetachRequest) -> Result<Vec<Ipv4Cidr>, String> {
+pub(crate) fn validate_detach(req: &DetachRequest) -> Result<Vec<AddrSpec>, String> {
     check_pid(req.pid)?;
-    explicit_addrs(&req.addrs)
+    checked_specs(&req.addrs)
+}
+
+/// An IPAM failure as HTTP: a cancelled request is a 200 `cancelled` (Weave's contract).
+fn ipam_error(prefix: &str, e: IpamCallError) -> Resp {
+    match e {
+        IpamCallError::Cancelled => text(StatusCode::OK, "cancelled".to_string()),
+        IpamCallError::Failed(why) => text(StatusCode::BAD_REQUEST, format!("{prefix}{why}\n")),
+        IpamCallError::Stopped => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// The addresses for an attach of container `ident`: explicit ones claimed (so IPAM never hands
+/// them out), `net:` ones allocated. Without IPAM only explicit ones are possible.
+async fn resolve_attach(
+    ipam: Option<&IpamHandle>,
+    ident: &str,
+    specs: &[AddrSpec],
+) -> Result<Vec<Ipv4Cidr>, Resp> {
+    let mut out = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let cidr = match (spec, ipam) {
+            (AddrSpec::Explicit(cidr), None) => *cidr,
+            (_, None) => return Err(error(StatusCode::BAD_REQUEST, IPAM_UNAVAILABLE)),
+            (AddrSpec::Explicit(cidr), Some(ipam)) => {
+                ipam.claim(ident, *cidr, false)
+                    .await
+                    .map_err(|e| attach_ipam_error(&format!("Unable to claim {cidr}: "), e))?;
+                *cidr
+            }
+            (AddrSpec::Subnet(subnet), Some(ipam)) => ipam
+                .allocate(ident, Some(*subnet))
+                .await
+                .map_err(|e| attach_ipam_error("Unable to allocate an address: ", e))?,
+            (AddrSpec::DefaultSubnet, Some(ipam)) => ipam
+                .allocate(ident, None)
+                .await
+                .map_err(|e| attach_ipam_error("Unable to allocate an address: ", e))?,
+        };
+        if !out.contains(&cidr) {
+            out.push(cidr);
+        }
+    }
+    Ok(out)
+}
+
+fn attach_ipam_error(prefix: &str, e: IpamCallError) -> Resp {
+    match e {
+        IpamCallError::Cancelled => error(
+            StatusCode::CONFLICT,
+            "the container stopped before it got its address",
+        ),
+        IpamCallError::Failed(why) => error(StatusCode::BAD_REQUEST, format!("{prefix}{why}")),
+        IpamCallError::Stopped => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// The explicit addresses a detach names, `net:` ones looked up in IPAM.
+async fn resolve_detach(
+    ipam: Option<&IpamHandle>,
+    ident: &str,
+    specs: &[AddrSpec],
+) -> Result<Vec<Ipv4Cidr>, Resp> {
+    let mut out: Vec<Ipv4Cidr> = Vec::new();
+    for spec in specs {
+        let found = match (spec, ipam) {
+            (AddrSpec::Explicit(cidr), _) => Ok(vec![*cidr]),
+            (_, None) => return Err(error(StatusCode::BAD_REQUEST, IPAM_UNAVAILABLE)),
+            (AddrSpec::Subnet(subnet), Some(ipam)) => ipam.lookup(ident, Some(*subnet)).await,
+            (AddrSpec::DefaultSubnet, Some(ipam)) => ipam.lookup(ident, None).await,
+        }
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        for cidr in found {
+            if !out.contains(&cidr) {
+                out.push(cidr);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `check-alive=true`: is the container gone or stopped (then the request is cancelled)?
+async fn not_alive(containers: &dyn ContainerDirectory, ident: &str) -> bool {
+    if ident == ipam_shell::EXPOSE_IDENT || ident == "_" {
+        return false;
+    }
+    matches!(
+        containers.lookup(ident).await,
+        Ok(None) | Ok(Some(containers::ContainerProcess { running: false, .. }))
+    )
+}
+
+fn form_flag(pairs: &[(String, String)], key: &str) -> bool {
+    form_values(pairs, key)
+        .iter()
+        .any(|v| v == "true" || v == "1")
+}
+
+/// The IPAM routes (IPAM is on).
+async fn handle_ipam(
+    state: &ApiState,
+    ipam: &IpamHandle,
+    route: Route,
+    req: Request<Incoming>,
+) -> Resp {
+    let query = req.uri().query().map(str::to_string);
+    let pairs = match read_form(req.into_body(), query.as_deref()).await {
+        Ok(pairs) => pairs,
+        Err(resp) => return resp,
+    };
+    let check_alive = form_flag(&pairs, "check-alive");
+    match route {
+        Route::IpAllocate { ident, subnet } => {
+            if check_alive && not_alive(&*state.containers, &ident).await {
+                return text(StatusCode::OK, "cancelled".to_string());
+            }
+            match ipam.allocate(&ident, subnet).await {
+                Ok(cidr) => text(StatusCode::OK, cidr.to_string()),
+                Err(e) => ipam_error("", e),
+            }
+        }
+        Route::IpLookup { ident, subnet } => match ipam.lookup(&ident, subnet).await {
+            Ok(found) => text(
+                StatusCode::OK,
+                found
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+            Err(e) => ipam_error("", e),
+        },
+        Route::IpClaim { ident, cidr } => {
+            if check_alive && not_alive(&*state.containers, &ident).await {
+                return text(StatusCode::OK, "cancelled".to_string());
+            }
+            let no_error = form_flag(&pairs, "noErrorOnUnknown");
+            match ipam.claim(&ident, cidr, no_error).await {
+                Ok(()) => no_content(),
+                Err(e) => ipam_error("Unable to claim: ", e),
+            }
+        }
+        Route::IpFree { ident, addr } => match ipam.free(&ident, addr).await {
+            Ok(()) => no_content(),
+            Err(e) => ipam_error("Unable to free: ", e),
+        },
+        Route::IpDelete { ident } => match ipam.delete(&ident).await {
+            Ok(()) => no_content(),
+            Err(e) => ipam_error("", e),
+        },
+        Route::IpOwned => match ipam.owned().await {
+            Ok(owned) => {
+                let owned: Vec<serde_json::Value> = owned
+                    .into_iter()
+                    .map(|(id, addrs)| {
+                        serde_json::json!({
+                            "containerid": id,
+                            "addrs": addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                json(StatusCode::OK, &serde_json::json!({ "owned": owned }))
+            }
+            Err(e) => ipam_error("", e),
+        },
+        Route::IpDefaultSubnet => text(StatusCode::OK, ipam.settings().default_subnet.to_string()),
+        Route::IpTracker => text(StatusCode::OK, "\n".to_string()),
+        Route::Prime => match ipam.prime().await {
+            Ok(()) => text(StatusCode::OK, String::new()),
+            Err(e) => ipam_error("", e),
+        },
+        Route::Leave => match ipam.leave().await {
+            Ok(()) => no_content(),
+            Err(e) => ipam_error("", e),
+        },
+        Route::RmPeer { peer } => match ipam.rmpeer(&peer).await {
+            Ok(n) => text(StatusCode::OK, format!("{n} IPs taken over from {peer}\n")),
+            Err(e) => ipam_error("", e),
+        },
+        _ => error(StatusCode::NOT_FOUND, "not an IPAM route"),
+    }
+}
+
+fn is_ipam_route(route: &Route) -> bool {
+    matches!(
+        route,
+        Route::IpAllocate { .. }
+            | Route::IpLookup { .. }
+            | Route::IpClaim { .. }
+            | Route::IpFree { .. }
+            | Route::IpDelete { .. }
+            | Route::IpOwned
+            | Route::IpDefaultSubnet
+            | Route::IpTracker
+            | Route::Prime
+            | Route::Leave
+            | Route::RmPeer { .. }
+            | Route::Status(StatusView::Ipam)
+    )
 }
 
 fn container_status(e: &ContainerError) -> StatusCode {
@@ -525,15 +845,30 @@ async fn handle(state: &ApiState, access: Access, req: Request<Incoming>) -> Res
             ),
         );
     }
+    if is_ipam_route(&route) && state.ipam.is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "IP address allocation is not enabled (weave was launched with --ipalloc-range \"\")",
+        );
+    }
     match route {
         Route::Health => text(StatusCode::OK, "ok\n".to_string()),
         Route::Status(view) => {
             let snapshot = state.status.borrow().clone();
-            let body = match view {
-                StatusView::Summary => status::render_status(&snapshot),
-                StatusView::Targets => status::render_targets(&snapshot),
-                StatusView::Connections => status::render_connections(&snapshot),
-                StatusView::Peers => status::render_peers(&snapshot),
+            let ipam = state.ipam.as_ref().map(IpamHandle::status);
+            let body = match (view, &ipam) {
+                (StatusView::Summary, _) => {
+                    let sections: Vec<String> =
+                        ipam.iter().map(ipam_shell::render_section).collect();
+                    status::render_status_with(&snapshot, &sections)
+                }
+                (StatusView::Targets, _) => status::render_targets(&snapshot),
+                (StatusView::Connections, _) => status::render_connections(&snapshot),
+                (StatusView::Peers, _) => status::render_peers(&snapshot),
+                (StatusView::Ipam, Some(ipam)) => {
+                    ipam_shell::render_peers(ipam, &snapshot.router.name)
+                }
+                (StatusView::Ipam, None) => String::new(),
             };
             let code = if snapshot.ready {
                 StatusCode::OK
@@ -544,7 +879,11 @@ async fn handle(state: &ApiState, access: Access, req: Request<Incoming>) -> Res
         }
         Route::Report => {
             let snapshot = state.status.borrow().clone();
-            json_pretty(StatusCode::OK, &status::report(&snapshot))
+            let mut report = status::report(&snapshot);
+            if let (Some(ipam), serde_json::Value::Object(map)) = (&state.ipam, &mut report) {
+                map.insert("IPAM".into(), ipam.status());
+            }
+            json_pretty(StatusCode::OK, &report)
         }
         Route::ProxyAddrs => {
             let addrs = state
@@ -567,14 +906,19 @@ async fn handle(state: &ApiState, access: Access, req: Request<Incoming>) -> Res
                 Ok(body) => body,
                 Err(resp) => return resp,
             };
-            let addrs = match validate_attach(&body) {
-                Ok(addrs) => addrs,
+            let specs = match validate_attach(&body) {
+                Ok(specs) => specs,
                 Err(message) => return error(StatusCode::BAD_REQUEST, message),
             };
-            if let Err(e) = containers::verify(&*state.containers, &container, body.pid).await {
-                return error(container_status(&e), e.to_string());
-            }
-            tracing::debug!(%container, pid = body.pid, "attach");
+            let found = match containers::verify(&*state.containers, &container, body.pid).await {
+                Ok(found) => found,
+                Err(e) => return error(container_status(&e), e.to_string()),
+            };
+            let addrs = match resolve_attach(state.ipam.as_ref(), &found.id, &specs).await {
+                Ok(addrs) => addrs,
+                Err(resp) => return resp,
+            };
+            tracing::debug!(%container, pid = body.pid, ?addrs, "attach");
             match state
                 .control
                 .attach(body.pid, addrs, body.no_multicast_route, body.keep_tx_on)
@@ -589,21 +933,38 @@ async fn handle(state: &ApiState, access: Access, req: Request<Incoming>) -> Res
                 Ok(body) => body,
                 Err(resp) => return resp,
             };
-            let addrs = match validate_detach(&body) {
-                Ok(addrs) => addrs,
+            let specs = match validate_detach(&body) {
+                Ok(specs) => specs,
                 Err(message) => return error(StatusCode::BAD_REQUEST, message),
             };
-            if let Err(e) = containers::verify(&*state.containers, &container, body.pid).await {
-                return error(container_status(&e), e.to_string());
+            let found = match containers::verify(&*state.containers, &container, body.pid).await {
+                Ok(found) => found,
+                Err(e) => return error(container_status(&e), e.to_string()),
+            };
+            let addrs = match resolve_detach(state.ipam.as_ref(), &found.id, &specs).await {
+                Ok(addrs) => addrs,
+                Err(resp) => return resp,
+            };
+            if !specs.is_empty() && addrs.is_empty() {
+                // `net:` specs that IPAM knows nothing of: nothing to remove.
+                return json(
+                    StatusCode::OK,
+                    &DetachResponse {
+                        removed: Vec::new(),
+                    },
+                );
             }
             tracing::debug!(%container, pid = body.pid, "detach");
             match state.control.detach(body.pid, addrs).await {
-                Ok(removed) => json(
-                    StatusCode::OK,
-                    &DetachResponse {
-                        removed: removed.iter().map(ToString::to_string).collect(),
-                    },
-                ),
+                Ok(removed) => {
+                    release(state.ipam.as_ref(), &found.id, &removed).await;
+                    json(
+                        StatusCode::OK,
+                        &DetachResponse {
+                            removed: removed.iter().map(ToString::to_string).collect(),
+                        },
+                    )
+                }
                 Err(e) => error(control_status(&e), e.to_string()),
             }
         }
@@ -631,6 +992,23 @@ async fn handle(state: &ApiState, access: Access, req: Request<Incoming>) -> Res
             Ok(()) => no_content(),
             Err(e) => error(control_status(&e), e.to_string()),
         },
+        Route::IpAllocate { .. }
+        | Route::IpLookup { .. }
+        | Route::IpClaim { .. }
+        | Route::IpFree { .. }
+        | Route::IpDelete { .. }
+        | Route::IpOwned
+        | Route::IpDefaultSubnet
+        | Route::IpTracker
+        | Route::Prime
+        | Route::Leave
+        | Route::RmPeer { .. } => match &state.ipam {
+            Some(ipam) => handle_ipam(state, ipam, route, req).await,
+            None => error(
+                StatusCode::NOT_FOUND,
+                "IP address allocation is not enabled",
+            ),
+        },
         Route::Connect | Route::Forget => {
             let query = req.uri().query().map(str::to_string);
             let pairs = match read_form(req.into_body(), query.as_deref()).await {
@@ -650,6 +1028,17 @@ async fn handle(state: &ApiState, access: Access, req: Request<Incoming>) -> Res
                 Ok(()) => text(StatusCode::OK, String::new()),
                 Err(e) => mesh_error(e),
             }
+        }
+    }
+}
+
+/// Give IPAM back the addresses a detach removed (those it never handed out are not found:
+/// fine).
+async fn release(ipam: Option<&IpamHandle>, ident: &str, removed: &[Ipv4Cidr]) {
+    let Some(ipam) = ipam else { return };
+    for cidr in removed {
+        if let Err(e) = ipam.free(ident, cidr.addr).await {
+            tracing::debug!(ident, %cidr, error = %e, "not released in IPAM");
         }
     }
 }
@@ -860,21 +1249,23 @@ mod tests {
             no_multicast_route: false,
             keep_tx_on: false,
         };
+        let explicit = |s: &str| AddrSpec::Explicit(cidr(s));
         assert_eq!(
             validate_attach(&req(10, &["10.2.1.1/24", "ip:10.2.1.1/24", "10.2.2.1/24"])),
-            Ok(vec![cidr("10.2.1.1/24"), cidr("10.2.2.1/24")])
+            Ok(vec![explicit("10.2.1.1/24"), explicit("10.2.2.1/24")])
         );
+        // `net:` forms and no address at all go to IPAM.
         assert_eq!(
             validate_attach(&req(10, &["10.2.1.1/24", "net:default"])),
-            Err(IPAM_UNAVAILABLE.to_string())
+            Ok(vec![explicit("10.2.1.1/24"), AddrSpec::DefaultSubnet])
         );
         assert_eq!(
             validate_attach(&req(10, &["net:10.2.0.0/16"])),
-            Err(IPAM_UNAVAILABLE.to_string())
+            Ok(vec![AddrSpec::Subnet(cidr("10.2.0.0/16"))])
         );
         assert_eq!(
             validate_attach(&req(10, &[])),
-            Err(IPAM_UNAVAILABLE.to_string())
+            Ok(vec![AddrSpec::DefaultSubnet])
         );
         assert!(validate_attach(&req(0, &["10.2.1.1/24"])).is_err());
         assert!(validate_attach(&req(-5, &["10.2.1.1/24"])).is_err());
@@ -900,9 +1291,12 @@ mod tests {
         assert_eq!(validate_detach(&req(10, &[])), Ok(vec![]));
         assert_eq!(
             validate_detach(&req(10, &["10.2.1.1/24"])),
-            Ok(vec![cidr("10.2.1.1/24")])
+            Ok(vec![AddrSpec::Explicit(cidr("10.2.1.1/24"))])
         );
-        assert!(validate_detach(&req(10, &["net:default"])).is_err());
+        assert_eq!(
+            validate_detach(&req(10, &["net:default"])),
+            Ok(vec![AddrSpec::DefaultSubnet])
+        );
         assert!(validate_detach(&req(0, &[])).is_err());
     }
 
@@ -1003,6 +1397,107 @@ mod tests {
             (&post, "/forget"),
         ] {
             assert!(parse_route(m, p, None).expect(p).needs_full_access(), "{p}");
+        }
+    }
+
+    #[test]
+    fn ipam_routes() {
+        let ok = |m: Method, p: &str| parse_route(&m, p, None).expect(p);
+        let err = |m: Method, p: &str| parse_route(&m, p, None).expect_err(p).status().as_u16();
+        let id = "5245643870f1".to_string();
+        assert_eq!(
+            ok(Method::POST, "/ip/5245643870f1"),
+            Route::IpAllocate {
+                ident: id.clone(),
+                subnet: None
+            }
+        );
+        assert_eq!(
+            ok(Method::POST, "/ip/5245643870f1/10.2.3.0/24"),
+            Route::IpAllocate {
+                ident: id.clone(),
+                subnet: Some(cidr("10.2.3.0/24"))
+            }
+        );
+        assert_eq!(
+            ok(Method::GET, "/ip/5245643870f1"),
+            Route::IpLookup {
+                ident: id.clone(),
+                subnet: None
+            }
+        );
+        assert_eq!(
+            ok(Method::GET, "/ip/5245643870f1/10.2.3.0/24"),
+            Route::IpLookup {
+                ident: id.clone(),
+                subnet: Some(cidr("10.2.3.0/24"))
+            }
+        );
+        assert_eq!(
+            ok(Method::PUT, "/ip/weave:expose/10.2.3.7/24"),
+            Route::IpClaim {
+                ident: "weave:expose".into(),
+                cidr: cidr("10.2.3.7/24")
+            }
+        );
+        assert_eq!(
+            ok(Method::DELETE, "/ip/5245643870f1/10.2.3.7"),
+            Route::IpFree {
+                ident: id.clone(),
+                addr: "10.2.3.7".parse().expect("ip")
+            }
+        );
+        assert_eq!(
+            ok(Method::DELETE, "/ip/5245643870f1"),
+            Route::IpDelete { ident: id }
+        );
+        assert_eq!(ok(Method::GET, "/ip"), Route::IpOwned);
+        assert_eq!(
+            ok(Method::GET, "/ipinfo/defaultsubnet"),
+            Route::IpDefaultSubnet
+        );
+        assert_eq!(ok(Method::GET, "/ipinfo/tracker"), Route::IpTracker);
+        assert_eq!(ok(Method::GET, "/ring"), Route::Prime);
+        assert_eq!(ok(Method::DELETE, "/peer"), Route::Leave);
+        assert_eq!(
+            ok(Method::DELETE, "/peer/host2"),
+            Route::RmPeer {
+                peer: "host2".into()
+            }
+        );
+        assert_eq!(
+            ok(Method::GET, "/status/ipam"),
+            Route::Status(StatusView::Ipam)
+        );
+        // A subnet to allocate in must be a network of at least four addresses.
+        assert_eq!(err(Method::POST, "/ip/abc/10.2.3.1/24"), 400);
+        assert_eq!(err(Method::POST, "/ip/abc/10.2.3.0/31"), 400);
+        assert_eq!(err(Method::GET, "/ip/abc/10.2.3/24"), 400);
+        assert_eq!(err(Method::DELETE, "/ip/abc/nope"), 400);
+        assert_eq!(err(Method::PUT, "/ip/abc"), 405);
+        assert_eq!(err(Method::DELETE, "/ip/abc/10.2.3.0/24"), 405);
+        assert_eq!(err(Method::POST, "/ring"), 405);
+        assert_eq!(err(Method::GET, "/peer"), 405);
+        assert_eq!(err(Method::GET, "/ipinfo/other"), 404);
+        // Changes only on the socket; reading on both.
+        for (m, p) in [
+            (Method::POST, "/ip/abc"),
+            (Method::PUT, "/ip/abc/10.2.3.7/24"),
+            (Method::DELETE, "/ip/abc/10.2.3.7"),
+            (Method::DELETE, "/ip/abc"),
+            (Method::GET, "/ring"),
+            (Method::DELETE, "/peer"),
+            (Method::DELETE, "/peer/x"),
+        ] {
+            assert!(ok(m, p).needs_full_access(), "{p}");
+        }
+        for (m, p) in [
+            (Method::GET, "/ip/abc"),
+            (Method::GET, "/ip"),
+            (Method::GET, "/ipinfo/defaultsubnet"),
+            (Method::GET, "/status/ipam"),
+        ] {
+            assert!(!ok(m, p).needs_full_access(), "{p}");
         }
     }
 

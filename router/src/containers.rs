@@ -9,8 +9,14 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use bollard::query_parameters::InspectContainerOptions;
+use std::collections::HashMap;
+
+use bollard::query_parameters::{
+    EventsOptionsBuilder, InspectContainerOptions, ListContainersOptions,
+};
 use bollard::Docker;
+use futures::stream::BoxStream;
+use futures::StreamExt;
 
 /// What dockerd says about a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,11 +42,33 @@ pub enum ContainerError {
 
 type Lookup<'a> =
     Pin<Box<dyn Future<Output = Result<Option<ContainerProcess>, ContainerError>> + Send + 'a>>;
+type Running<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<ContainerProcess>, ContainerError>> + Send + 'a>>;
+/// Container events, by full id.
+pub type Events = BoxStream<'static, Result<(String, ContainerEvent), ContainerError>>;
+
+/// The container lifecycle events IPAM follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerEvent {
+    Started,
+    Died,
+    Destroyed,
+}
 
 /// Where the router looks containers up (dockerd; a table in tests).
 pub trait ContainerDirectory: Send + Sync + 'static {
     /// The container named `id` (an id, a prefix of one, or a name); `None` if there is none.
     fn lookup<'a>(&'a self, id: &'a str) -> Lookup<'a>;
+
+    /// The running containers.
+    fn running(&self) -> Running<'_> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Start, die and destroy events from now on; ends on error.
+    fn events(&self) -> Events {
+        futures::stream::pending().boxed()
+    }
 }
 
 /// Is `pid` the running process of the container `found` (looked up as `id`)?
@@ -118,6 +146,57 @@ impl ContainerDirectory for Dockerd {
                 }),
             }
         })
+    }
+
+    fn running(&self) -> Running<'_> {
+        Box::pin(async move {
+            let unavailable = |e: bollard::errors::Error| ContainerError::Unavailable {
+                id: String::new(),
+                message: e.to_string(),
+            };
+            let list = self
+                .docker
+                .list_containers(Some(ListContainersOptions::default()))
+                .await
+                .map_err(unavailable)?;
+            let mut running = Vec::new();
+            for id in list.into_iter().filter_map(|c| c.id) {
+                // Gone in between: not running any more.
+                if let Some(c) = self.lookup(&id).await?.filter(|c| c.running) {
+                    running.push(c);
+                }
+            }
+            Ok(running)
+        })
+    }
+
+    fn events(&self) -> Events {
+        let filters = HashMap::from([
+            ("type", vec!["container"]),
+            ("event", vec!["start", "die", "destroy"]),
+        ]);
+        let options = EventsOptionsBuilder::new().filters(&filters).build();
+        self.docker
+            .events(Some(options))
+            .filter_map(|item| async move {
+                match item {
+                    Ok(message) => {
+                        let event = match message.action.as_deref()? {
+                            "start" => ContainerEvent::Started,
+                            "die" => ContainerEvent::Died,
+                            "destroy" => ContainerEvent::Destroyed,
+                            _ => return None,
+                        };
+                        let id = message.actor.as_ref()?.id.clone()?;
+                        Some(Ok((id, event)))
+                    }
+                    Err(e) => Some(Err(ContainerError::Unavailable {
+                        id: String::new(),
+                        message: format!("events: {e}"),
+                    })),
+                }
+            })
+            .boxed()
     }
 }
 

@@ -29,6 +29,7 @@ pub mod fragment;
 pub mod gro;
 pub mod icmp;
 pub mod ipam;
+pub mod ipam_shell;
 pub mod iptables;
 pub mod mac_cache;
 pub mod mesh;
@@ -100,6 +101,10 @@ pub struct RouterConfig {
     pub conn_limit: usize,
     /// `--trusted-subnets`: UDP in plaintext with peers in these that trust us too.
     pub trusted_subnets: Vec<addr::Ipv4Cidr>,
+    /// IP address allocation (`None`: `--ipalloc-range ""`, off).
+    pub ipam: Option<ipam_shell::IpamSettings>,
+    /// Where IPAM keeps its state across restarts.
+    pub ipam_state: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -274,11 +279,22 @@ pub async fn run(
     let (control, owner) = control::spawn(bridge);
     let owner_abort = owner.abort_handle();
     let control_done = parts.adopt("bridge control", owner);
+    let ipam = start_ipam(
+        &config,
+        mesh::peer::PeerName::from_bytes(mac.0),
+        uid,
+        &running.handle,
+        &containers,
+        &control,
+        &mut parts,
+    )
+    .await?;
     let state = api::ApiState {
         control,
         status: status_rx,
         mesh: running.handle.clone(),
         containers,
+        ipam,
     };
     let listeners = api::Listeners {
         tcp: listener,
@@ -320,6 +336,61 @@ pub async fn run(
             Ok(())
         }
     }
+}
+
+/// IPAM's actor, its gossip carrier and Docker's events, supervised like every other part;
+/// then, in the background, the start-up prune and pre-claims. `None` when IPAM is off.
+async fn start_ipam(
+    config: &RouterConfig,
+    me: mesh::peer::PeerName,
+    uid: u64,
+    mesh: &mesh_shell::MeshHandle,
+    containers: &Arc<dyn containers::ContainerDirectory>,
+    control: &control::ControlHandle,
+    parts: &mut supervise::Supervisor,
+) -> Result<Option<ipam_shell::IpamHandle>, RouterError> {
+    let Some(settings) = config.ipam.clone() else {
+        return Ok(None);
+    };
+    let Some(factory) = ipam_shell::builtin_core() else {
+        tracing::warn!("this router is built without the IP allocator: IPAM is off");
+        return Ok(None);
+    };
+    let wire = ipam_shell::mesh_wire(mesh)
+        .await
+        .map_err(|e| RouterError::PartEnded {
+            part: "mesh",
+            why: format!("cannot open the IPAM channel: {e}"),
+        })?;
+    let state = ipam_shell::StateFile::new(&config.ipam_state);
+    let persisted = match state.load() {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::warn!(path = %config.ipam_state.display(), error = %e, "cannot read IPAM state: starting afresh");
+            None
+        }
+    };
+    let core = factory(ipam_shell::CoreInit {
+        settings: settings.clone(),
+        me,
+        nickname: config.nickname.clone(),
+        uid,
+        persisted,
+        now: tokio::time::Instant::now().into_std(),
+    });
+    tracing::info!(range = %settings.range, default_subnet = %settings.default_subnet, init = ?settings.init, "IP address allocation on");
+    let ipam = ipam_shell::start(core, settings, wire, state);
+    parts.spawn("ipam", ipam.actor);
+    parts.spawn("ipam gossip", ipam.outgoing);
+    parts.spawn(
+        "docker events",
+        ipam_shell::pump_container_events(ipam.handle.clone(), containers.clone()),
+    );
+    let (handle, containers, control) = (ipam.handle.clone(), containers.clone(), control.clone());
+    tokio::spawn(async move {
+        ipam_shell::startup_claims(&handle, &*containers, &control).await;
+    });
+    Ok(Some(ipam.handle))
 }
 
 /// Create (or reuse) the bridge `name` with `mtu` in the calling thread's network namespace and

@@ -272,6 +272,11 @@ fn peer_connection_counts(peers: &[PeerStatus]) -> String {
 
 /// `GET /status`: the text `weave status` prints (the CLI adds the blank lines around it).
 pub fn render_status(s: &StatusSnapshot) -> String {
+    render_status_with(s, &[])
+}
+
+/// [`render_status`] with more services' blocks (IPAM's) between the router's and the proxy's.
+pub fn render_status_with(s: &StatusSnapshot, sections: &[String]) -> String {
     let r = &s.router;
     let mut out = String::new();
     field(
@@ -316,6 +321,10 @@ pub fn render_status(s: &StatusSnapshot) -> String {
     };
     field(&mut out, "Peers", peers);
     field(&mut out, "TrustedSubnets", list(&r.trusted_subnets));
+    for section in sections {
+        out.push('\n');
+        out.push_str(section);
+    }
     if let Some(proxy) = &s.proxy {
         out.push('\n');
         field(&mut out, "Service", "proxy");

@@ -112,6 +112,8 @@ fn api_end_to_end() {
             discovery: true,
             conn_limit: weave_router::DEFAULT_CONN_LIMIT,
             trusted_subnets: Vec::new(),
+            ipam: None,
+            ipam_state: std::env::temp_dir().join("weave-ipam-unused.json"),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let table = Arc::new(Table::default());

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use anyhow::{Context, Result};
 use bollard::query_parameters::ListContainersOptions;
 use weave_api::addr::{AddrSpec, Ipv4Cidr};
-use weave_api::client::RouterClient;
+use weave_api::client::{ClientError, RouterClient};
 use weave_api::types::{AttachRequest, DetachRequest};
 
 use super::{router_unreachable, Exit};
@@ -159,49 +159,89 @@ pub async fn run(router: &RouterClient, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Expose/hide take explicit addresses until IPAM exists.
-fn explicit_cidrs(args: &[String], command: &str) -> Result<Vec<Ipv4Cidr>> {
-    if args.is_empty() {
-        return Err(Exit::new(
-            1,
-            format!("weave {command} needs an address such as 10.32.1.254/24: automatic allocation (IPAM) is not available yet"),
-        )
-        .into());
+/// The bridge's ident in IPAM.
+const EXPOSE_IDENT: &str = "weave:expose";
+const IPAM_OFF: &str = "IP address allocation must be enabled to use 'net:' (weave was launched with --ipalloc-range \"\"): give an explicit address such as 10.32.1.254/24";
+
+/// An IPAM answer for the CLI: 404 means IPAM is off, other refusals carry the router's reason.
+async fn ipam_failure(e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Status { status: 404, .. } => Exit::new(1, IPAM_OFF).into(),
+        ClientError::Status { message, .. } => Exit::new(1, message.trim_end()).into(),
+        other => router_unreachable(other).await,
     }
-    parse_addrs(args)?
-        .into_iter()
-        .map(|spec| match spec {
-            AddrSpec::Explicit(cidr) => Ok(cidr),
-            other => Err(Exit::new(
-                1,
-                format!("{other}: IP address allocation (IPAM) is not available yet; give an explicit address such as 10.32.1.254/24"),
-            )
-            .into()),
-        })
-        .collect()
+}
+
+/// The host's address for one spec: explicit ones claimed (ignored when IPAM is off), `net:`
+/// ones allocated, for the ident `weave:expose`.
+async fn expose_addr(router: &RouterClient, spec: AddrSpec) -> Result<Ipv4Cidr> {
+    let subnet = match spec {
+        AddrSpec::Explicit(cidr) => {
+            return match router.claim(EXPOSE_IDENT, cidr, false).await {
+                Ok(_) | Err(ClientError::Status { status: 404, .. }) => Ok(cidr),
+                Err(e) => Err(ipam_failure(e).await),
+            };
+        }
+        AddrSpec::Subnet(subnet) => Some(subnet),
+        AddrSpec::DefaultSubnet => None,
+    };
+    match router.allocate(EXPOSE_IDENT, subnet, false).await {
+        Ok(Some(cidr)) => Ok(cidr),
+        Ok(None) => Err(Exit::new(1, "the allocation was cancelled").into()),
+        Err(e) => Err(ipam_failure(e).await),
+    }
 }
 
 pub async fn expose(router: &RouterClient, args: &[String], fqdn: Option<&str>) -> Result<()> {
-    let cidrs = explicit_cidrs(args, "expose")?;
+    let mut specs = parse_addrs(args)?;
+    if specs.is_empty() {
+        specs.push(AddrSpec::DefaultSubnet);
+    }
     if fqdn.is_some() {
         eprintln!("Warning: -h is ignored: weaveDNS is not available yet");
     }
-    for cidr in &cidrs {
-        if let Err(e) = router.expose(*cidr).await {
+    let mut cidrs = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let cidr = expose_addr(router, spec).await?;
+        if let Err(e) = router.expose(cidr).await {
             return Err(router_unreachable(e).await);
         }
+        cidrs.push(cidr);
     }
     let ips: Vec<String> = cidrs.iter().map(|c| c.addr.to_string()).collect();
     println!("{}", ips.join(" "));
     Ok(())
 }
 
+/// `weave hide [addr...]`: no address means the bridge's IPAM addresses in the default subnet.
 pub async fn hide(router: &RouterClient, args: &[String]) -> Result<()> {
-    let cidrs = explicit_cidrs(args, "hide")?;
+    let mut specs = parse_addrs(args)?;
+    if specs.is_empty() {
+        specs.push(AddrSpec::DefaultSubnet);
+    }
+    let mut cidrs: Vec<Ipv4Cidr> = Vec::new();
+    for spec in specs {
+        let found = match spec {
+            AddrSpec::Explicit(cidr) => Ok(vec![cidr]),
+            AddrSpec::Subnet(subnet) => router.lookup(EXPOSE_IDENT, Some(subnet)).await,
+            AddrSpec::DefaultSubnet => router.lookup(EXPOSE_IDENT, None).await,
+        };
+        let found = match found {
+            Ok(found) => found,
+            Err(e) => return Err(ipam_failure(e).await),
+        };
+        for cidr in found {
+            if !cidrs.contains(&cidr) {
+                cidrs.push(cidr);
+            }
+        }
+    }
     for cidr in &cidrs {
         if let Err(e) = router.hide(*cidr).await {
             return Err(router_unreachable(e).await);
         }
+        // Addresses IPAM never handed out (IPAM off, or outside its range) are not found: fine.
+        let _ = router.free(EXPOSE_IDENT, cidr.addr).await;
     }
     let ips: Vec<String> = cidrs.iter().map(|c| c.addr.to_string()).collect();
     println!("{}", ips.join(" "));

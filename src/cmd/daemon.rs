@@ -43,6 +43,22 @@ fn api_socket_group(docker_api: &str) -> u32 {
 pub async fn router(args: RouterArgs, client: RouterClient) -> Result<()> {
     let containers = weave_router::containers::Dockerd::connect(&args.docker_api)
         .context("the router asks dockerd which containers exist")?;
+    let mut ipam = weave_router::ipam_shell::settings(
+        args.ipam.ipalloc_range.as_deref().unwrap_or(""),
+        args.ipam.ipalloc_default_subnet.as_deref(),
+        args.ipam.ipalloc_init.as_deref(),
+        args.peers.len(),
+    )?;
+    if let (Some(ipam), Some(timeout)) = (
+        ipam.as_mut(),
+        weave_router::ipam_shell::request_timeout_from(
+            std::env::var(weave_router::ipam_shell::REQUEST_TIMEOUT_ENV)
+                .ok()
+                .as_deref(),
+        ),
+    ) {
+        ipam.request_timeout = timeout;
+    }
     let config = weave_router::RouterConfig {
         http_addr: client.addr(),
         api_socket: client.socket().to_path_buf(),
@@ -61,6 +77,8 @@ pub async fn router(args: RouterArgs, client: RouterClient) -> Result<()> {
         discovery: !args.no_discovery,
         conn_limit: args.conn_limit,
         trusted_subnets: args.trusted_subnets.unwrap_or_default().0,
+        ipam,
+        ipam_state: args.ipam_state,
     };
     weave_router::run(config, Arc::new(containers), shutdown_signal())
         .await

@@ -12,7 +12,10 @@ use bollard::Docker;
 use weave_api::client::RouterClient;
 
 use super::Exit;
-use crate::cli::{LaunchArgs, ProxyOptions, DEFAULT_PROXY_SOCKET};
+use weave_api::addr::Ipv4Cidr;
+use weave_router::ipam_shell::{self, DEFAULT_RANGE};
+
+use crate::cli::{IpamArgs, LaunchArgs, ProxyOptions, DEFAULT_PROXY_SOCKET};
 use crate::docker::{self, docker_socket_path};
 use crate::image::{self, BINARY_IN_IMAGE};
 
@@ -35,6 +38,7 @@ pub async fn run(args: LaunchArgs, router: &RouterClient) -> Result<()> {
     if router.get_text("/status").await.is_ok() {
         return Err(Exit::new(3, "Weave Net is already running").into());
     }
+    let ipam_flags = ipam_flags(&args.ipam, args.peers.len())?;
     weave_router::create_bridge(BRIDGE, args.mtu)
         .await
         .context("creating the weave bridge")?;
@@ -60,17 +64,17 @@ pub async fn run(args: LaunchArgs, router: &RouterClient) -> Result<()> {
         router_cmd.push(format!("--proxy-addr={}", docker::proxy_url()));
     }
     router_cmd.extend(mesh_flags(&args));
+    router_cmd.extend(ipam_flags);
     router_cmd.extend(args.peers.iter().cloned());
     let mut router_env = Vec::new();
     if let Some(password) = &args.password {
         router_env.push(format!("WEAVE_PASSWORD={password}"));
     }
-    // Hidden: tests shorten the mesh's rekey period with it.
-    if let Some(v) = std::env::var("WEAVE_REKEY_INTERVAL")
-        .ok()
-        .filter(|v| !v.is_empty())
-    {
-        router_env.push(format!("WEAVE_REKEY_INTERVAL={v}"));
+    // Hidden: tests shorten the mesh's rekey period and IPAM's request timeout with them.
+    for var in ["WEAVE_REKEY_INTERVAL", ipam_shell::REQUEST_TIMEOUT_ENV] {
+        if let Some(v) = std::env::var(var).ok().filter(|v| !v.is_empty()) {
+            router_env.push(format!("{var}={v}"));
+        }
     }
     // Both daemons reach dockerd: the router to check that what it attaches is a container,
     // the proxy to forward the API.
@@ -139,6 +143,67 @@ fn mesh_flags(args: &LaunchArgs) -> Vec<String> {
         flags.push(format!("--trusted-subnets={subnets}"));
     }
     flags
+}
+
+/// Check the IPAM flags now (so mistakes show before anything starts) and return them in the
+/// router's syntax; the range defaults to 10.32.0.0/12. A range that overlaps a host route is an
+/// error when it is the default, a warning when the user chose it.
+fn ipam_flags(ipam: &IpamArgs, peers: usize) -> Result<Vec<String>> {
+    let given = ipam.ipalloc_range.is_some();
+    let range = ipam
+        .ipalloc_range
+        .clone()
+        .unwrap_or_else(|| DEFAULT_RANGE.to_string());
+    let settings = ipam_shell::settings(
+        &range,
+        ipam.ipalloc_default_subnet.as_deref(),
+        ipam.ipalloc_init.as_deref(),
+        peers,
+    )
+    .map_err(|e| Exit::new(1, e.to_string()))?;
+    if let Some(settings) = &settings {
+        let routes = std::fs::read_to_string("/proc/net/route")
+            .map(|text| ipam_shell::parse_proc_net_route(&text))
+            .unwrap_or_default();
+        if let Some(msg) = route_overlap_message(&settings.range, given, &routes) {
+            if given {
+                eprintln!("{msg}");
+            } else {
+                return Err(Exit::new(1, msg).into());
+            }
+        }
+    }
+    let mut flags = vec![format!("--ipalloc-range={range}")];
+    if let Some(subnet) = &ipam.ipalloc_default_subnet {
+        flags.push(format!("--ipalloc-default-subnet={subnet}"));
+    }
+    if let Some(init) = &ipam.ipalloc_init {
+        flags.push(format!("--ipalloc-init={init}"));
+    }
+    Ok(flags)
+}
+
+/// Weave's words when the range overlaps a route of the host (other than the default route
+/// and weave's own bridge).
+fn route_overlap_message(
+    range: &Ipv4Cidr,
+    given: bool,
+    routes: &[ipam_shell::HostRoute],
+) -> Option<String> {
+    let route = ipam_shell::overlapping_route(range, routes, BRIDGE)?;
+    Some(if given {
+        format!(
+            "WARNING: Specified --ipalloc-range {range} overlaps with existing route on host ({} via {}).\n\
+             Unless this is deliberate, you must pick another range and set it on all hosts.",
+            route.dest, route.iface
+        )
+    } else {
+        format!(
+            "ERROR: Default --ipalloc-range {range} overlaps with existing route on host ({} via {}).\n\
+             You must pick another range and set it on all hosts.",
+            route.dest, route.iface
+        )
+    })
 }
 
 /// The proxy flags to pass on, in the daemon's own syntax.
@@ -349,7 +414,7 @@ pub fn hostname() -> String {
 mod tests {
     use clap::Parser;
 
-    use super::mesh_flags;
+    use super::{ipam_flags, mesh_flags, route_overlap_message};
     use crate::cli::{Cli, Command};
 
     fn command(args: &[&str]) -> Command {
@@ -395,10 +460,78 @@ mod tests {
             Some("192.0.2.0/24,10.0.0.0/8")
         );
         assert_eq!(r.peers, ["h1"]);
+        // IPAM: the default range always reaches the router, other flags when given, checked
+        // first; the router parses what launch passes.
+        let Command::Launch(launch) = command(&[
+            "weave",
+            "launch",
+            "--iprange",
+            "172.30.0.0/16",
+            "--ipalloc-init",
+            "consensus=3",
+            "h1",
+        ]) else {
+            panic!("not a launch");
+        };
+        let flags = ipam_flags(&launch.ipam, 1).expect("valid");
+        assert_eq!(
+            flags,
+            [
+                "--ipalloc-range=172.30.0.0/16",
+                "--ipalloc-init=consensus=3"
+            ]
+        );
+        let mut router = vec!["weave", "router"];
+        router.extend(flags.iter().map(String::as_str));
+        let Command::Router(r) = command(&router) else {
+            panic!("not a router");
+        };
+        assert_eq!(r.ipam.ipalloc_range.as_deref(), Some("172.30.0.0/16"));
+        let Command::Launch(bad) = command(&[
+            "weave",
+            "launch",
+            "--ipalloc-range=10.32.0.0/12",
+            "--ipalloc-default-subnet=10.48.0.0/16",
+        ]) else {
+            panic!("not a launch");
+        };
+        let err = ipam_flags(&bad.ipam, 0).expect_err("outside the range");
+        assert!(err.to_string().contains("does not overlap"), "{err}");
+        let Command::Launch(off) = command(&["weave", "launch", "--ipalloc-range="]) else {
+            panic!("not a launch");
+        };
+        assert_eq!(
+            ipam_flags(&off.ipam, 0).expect("IPAM off"),
+            ["--ipalloc-range="]
+        );
         // Nothing given: nothing passed (the router's defaults apply).
         let Command::Launch(plain) = command(&["weave", "launch"]) else {
             panic!("not a launch");
         };
         assert!(mesh_flags(&plain).is_empty());
+    }
+
+    #[test]
+    fn a_range_over_a_host_route() {
+        let routes = vec![
+            weave_router::ipam_shell::HostRoute {
+                iface: "eth1".into(),
+                dest: "10.40.0.0/16".parse().expect("cidr"),
+            },
+            weave_router::ipam_shell::HostRoute {
+                iface: "weave".into(),
+                dest: "10.36.0.0/16".parse().expect("cidr"),
+            },
+        ];
+        let default: weave_api::addr::Ipv4Cidr = "10.32.0.0/12".parse().expect("cidr");
+        let err = route_overlap_message(&default, false, &routes).expect("overlap");
+        assert!(
+            err.starts_with("ERROR: Default --ipalloc-range 10.32.0.0/12 overlaps with existing route on host (10.40.0.0/16 via eth1)."),
+            "{err}"
+        );
+        let warn = route_overlap_message(&default, true, &routes).expect("overlap");
+        assert!(warn.starts_with("WARNING: Specified"), "{warn}");
+        let elsewhere: weave_api::addr::Ipv4Cidr = "172.30.0.0/16".parse().expect("cidr");
+        assert_eq!(route_overlap_message(&elsewhere, false, &routes), None);
     }
 }

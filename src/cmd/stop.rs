@@ -4,10 +4,16 @@ use anyhow::{Context, Result};
 use bollard::query_parameters::{RemoveContainerOptions, StopContainerOptions};
 use bollard::Docker;
 
+use weave_api::client::{ClientError, RouterClient};
+use weave_router::ipam_shell::{StateFile, STATE_FILE};
+
 use super::launch::{BRIDGE, PROXY_CONTAINER, ROUTER_CONTAINER};
 use super::Exit;
 use crate::cli::DEFAULT_PROXY_SOCKET;
 use crate::docker;
+
+/// Time for the leave's gossip to reach the other peers before the router goes (Weave: 0.5 s).
+const LEAVE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub async fn stop() -> Result<()> {
     warn_if_env_uses_proxy();
@@ -23,12 +29,20 @@ pub async fn stop() -> Result<()> {
     Ok(())
 }
 
-pub async fn reset(force: bool) -> Result<()> {
+pub async fn reset(client: &RouterClient, force: bool) -> Result<()> {
     let docker = docker::connect().await?;
     if let Some(router) = docker::inspect(&docker, ROUTER_CONTAINER).await? {
-        // Weave asks a stopped router to leave the cluster first; without a mesh there is no
-        // cluster to leave yet, but keep the user-visible contract.
-        if !docker::is_running(&router) && !force && has_peers(&router) {
+        if docker::is_running(&router) {
+            // Hand our address ranges to another peer before going, so they are not lost.
+            match client.leave().await {
+                Ok(()) => tokio::time::sleep(LEAVE_GRACE).await,
+                Err(ClientError::Status { status: 404, .. }) => {}
+                Err(e) => {
+                    eprintln!("WARNING: could not hand this peer's IP ranges to another peer: {e}")
+                }
+            }
+        } else if !force && has_peers(&router) {
+            // A stopped router cannot leave the cluster: its ranges would be lost.
             return Err(Exit::new(
                 1,
                 "ERROR: weave is not running; unable to remove from cluster.\n\
@@ -63,6 +77,9 @@ pub async fn reset(force: bool) -> Result<()> {
         .context("removing the weave bridge and its iptables rules")?;
     remove_if_present(std::path::Path::new(DEFAULT_PROXY_SOCKET))?;
     remove_if_present(std::path::Path::new("/var/lib/weave/weavewait"))?;
+    StateFile::new(STATE_FILE)
+        .remove()
+        .with_context(|| format!("removing {STATE_FILE}"))?;
     Ok(())
 }
 

@@ -4,14 +4,13 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use serde_json::{Map, Value};
-use weave_api::addr::AddrSpec;
 
 use super::{
     as_object, as_object_mut, decide, env_weave_cidr, get_object, get_str, get_str_list,
     host_config_mut, set_weave_dns, set_weavewait_bind, Decision, RewriteError, WeavewaitVariant,
     WEAVEWAIT_ENTRYPOINT,
 };
-use crate::cidr::{parse_weave_cidr, WeaveCidr};
+use crate::cidr::parse_weave_cidr;
 use crate::rewrite::hostname::HostnameRule;
 
 /// Docker's limit for `Hostname` + `.` + `Domainname`.
@@ -71,24 +70,10 @@ pub fn plan_create(body: &Value, opts: &CreateOptions) -> Result<CreatePlan, Rew
     Ok(CreatePlan::Weave { image_to_inspect })
 }
 
-/// Every address must be explicit: there is no IPAM to allocate from yet.
+/// `WEAVE_CIDR` must parse; `net:` forms and no value at all are IPAM's, resolved by the
+/// router at attach time.
 fn check_addresses(weave_cidr: Option<&str>) -> Result<(), RewriteError> {
-    let specs = match parse_weave_cidr(weave_cidr)? {
-        WeaveCidr::Addrs(specs) => specs,
-        // `decide` has already left such containers alone.
-        WeaveCidr::None => return Ok(()),
-    };
-    let elements = weave_cidr.unwrap_or("").split_whitespace();
-    if weave_cidr.is_none_or(|value| value.trim().is_empty()) {
-        return Err(RewriteError::IpamUnavailable);
-    }
-    for (spec, element) in specs.iter().zip(elements) {
-        if !matches!(spec, AddrSpec::Explicit(_)) {
-            return Err(RewriteError::IpamUnavailableFor {
-                element: element.to_string(),
-            });
-        }
-    }
+    parse_weave_cidr(weave_cidr)?;
     Ok(())
 }
 
@@ -308,25 +293,20 @@ mod tests {
         let mixed = json!({"Env": ["WEAVE_CIDR=none 10.1.1.1/24"]});
         assert_eq!(plan(mixed).unwrap_err().status(), 400);
 
+        // No WEAVE_CIDR and `net:` forms are woven: the router asks IPAM at attach time.
         for env in [
             json!([]),
             json!(["WEAVE_CIDR="]),
             json!(["WEAVE_CIDR=  "]),
             Value::Null,
+            json!(["WEAVE_CIDR=10.1.1.1/24 net:10.2.0.7/16"]),
+            json!(["WEAVE_CIDR=net:default"]),
         ] {
-            let err = plan(json!({ "Env": env })).unwrap_err();
-            assert!(matches!(err, RewriteError::IpamUnavailable), "{err}");
-            assert_eq!(err.status(), 400);
-            assert!(err.to_string().contains("WEAVE_CIDR=none"));
-        }
-        for (value, element) in [
-            ("10.1.1.1/24 net:10.2.0.7/16", "net:10.2.0.7/16"),
-            ("net:default", "net:default"),
-        ] {
-            let body = json!({ "Env": [format!("WEAVE_CIDR={value}")] });
-            let err = plan(body).unwrap_err();
-            assert_eq!(err.status(), 400);
-            assert!(err.to_string().contains(&format!("{element:?}")), "{err}");
+            let body = json!({ "Env": env, "Entrypoint": ["x"] });
+            assert!(
+                matches!(plan(body).unwrap(), CreatePlan::Weave { .. }),
+                "{env}"
+            );
         }
         let explicit =
             json!({"Env": ["WEAVE_CIDR=ip:10.1.1.1/24 10.1.1.2/24"], "Entrypoint": ["x"]});

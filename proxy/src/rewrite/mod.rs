@@ -26,17 +26,6 @@ pub const WEAVEWAIT_ENTRYPOINT: &str = "/w/w";
 pub enum RewriteError {
     #[error(transparent)]
     InvalidWeaveCidr(#[from] CidrError),
-    #[error(
-        "WEAVE_CIDR is not set and automatic IP allocation (IPAM) is not available yet: \
-         set WEAVE_CIDR=<ip>/<len> (e.g. 10.32.1.1/24), \
-         or WEAVE_CIDR=none to leave the container off the weave network"
-    )]
-    IpamUnavailable,
-    #[error(
-        "WEAVE_CIDR element {element:?} asks for automatic IP allocation (IPAM), which is not \
-         available yet: give an explicit address instead (e.g. 10.32.1.1/24)"
-    )]
-    IpamUnavailableFor { element: String },
     #[error("No such image: {0}")]
     NoSuchImage(String),
     #[error("No command specified")]
@@ -61,9 +50,7 @@ impl RewriteError {
     /// The HTTP status the proxy answers with.
     pub fn status(&self) -> u16 {
         match self {
-            RewriteError::InvalidWeaveCidr(_)
-            | RewriteError::IpamUnavailable
-            | RewriteError::IpamUnavailableFor { .. } => 400,
+            RewriteError::InvalidWeaveCidr(_) => 400,
             RewriteError::NoSuchImage(_) => 404,
             _ => 500,
         }
@@ -357,7 +344,6 @@ mod tests {
 
     #[test]
     fn status_codes() {
-        assert_eq!(RewriteError::IpamUnavailable.status(), 400);
         assert_eq!(RewriteError::NoSuchImage("x".into()).status(), 404);
         assert_eq!(
             RewriteError::NoSuchImage("x".into()).to_string(),

@@ -58,6 +58,9 @@ pub struct NodeConfig {
     /// Connections stay `pending` until the data plane reports their forwarder established
     /// ([`Node::overlay`]); `false`: established as soon as they are added.
     pub await_overlay: bool,
+    /// Compute the data-plane routes ([`DataPlaneView::routes`]): a BFS per source peer on
+    /// every topology change. Off where nothing forwards frames (the simulated network).
+    pub data_plane: bool,
     /// Full topology to random neighbours this often, and local changes coalesced this long.
     pub gossip_interval: Duration,
     pub gossip_delay: Duration,
@@ -75,6 +78,7 @@ impl NodeConfig {
             conn_limit: 0,
             encrypted: false,
             await_overlay: false,
+            data_plane: true,
             gossip_interval: GOSSIP_INTERVAL,
             gossip_delay: ON_CHANGE_DELAY,
         }
@@ -215,6 +219,10 @@ pub struct Node {
     /// When the connection maker last ran: a target due before then and still waiting is held
     /// back by the connection limit, and only an event (which runs it again) can release it.
     last_tick: Instant,
+    /// Something the connection maker's choice depends on changed (direct peers, connections,
+    /// an attempt's outcome) since it last ran. Topology changes and due targets also run it;
+    /// nothing else does, as its pass is linear in the topology.
+    maker_dirty: bool,
     view: DataPlaneView,
     /// Application channels, and the peer list they last got.
     channels: BTreeSet<&'static str>,
@@ -277,6 +285,7 @@ impl Node {
             surrogate: SurrogateFilter::default(),
             terminations: 0,
             last_tick: now,
+            maker_dirty: true,
             view: DataPlaneView::default(),
             channels: BTreeSet::new(),
             peers_seen: None,
@@ -326,12 +335,14 @@ impl Node {
     /// `weave connect [--replace]`.
     pub fn connect(&mut self, now: Instant, peers: Vec<DirectPeer>, replace: bool) {
         self.maker.connect(now, peers, replace);
+        self.maker_dirty = true;
         self.after_event(now);
     }
 
     /// `weave forget`.
     pub fn forget(&mut self, now: Instant, specs: &[String]) {
         self.maker.forget(specs);
+        self.maker_dirty = true;
         self.after_event(now);
     }
 
@@ -345,6 +356,7 @@ impl Node {
     ) {
         self.maker
             .on_attempt_failed(now, addr, error, permanent, &mut Rng(&mut *self.rng));
+        self.maker_dirty = true;
         self.after_event(now);
     }
 
@@ -352,6 +364,7 @@ impl Node {
     /// the reason, for the connection's log line; the shell closes it.
     pub fn register(&mut self, now: Instant, conn: NewConn) -> Result<(), String> {
         let result = self.add(now, conn);
+        self.maker_dirty = true;
         self.after_event(now);
         result
     }
@@ -532,6 +545,7 @@ impl Node {
         }
         self.maker
             .on_disconnected(now, remote, error, false, &mut Rng(&mut *self.rng));
+        self.maker_dirty = true;
         if self.view.peers.remove(&remote).is_some() {
             self.events.push_back(Event::ViewChanged);
         }
@@ -664,16 +678,24 @@ impl Node {
     /// Timers, topology changes, dials, after every event.
     fn after_event(&mut self, now: Instant) {
         let changes = self.gossip.data_mut().take_changes();
-        if !changes.is_empty() {
-            let keep: BTreeSet<PeerName> = self.conns.keys().copied().collect();
-            for gone in self.gossip.data_mut().gc(&keep) {
-                tracing::info!("Removed unreachable peer {}({})", gone.name, gone.nickname);
-            }
+        let topology_changed = !changes.is_empty();
+        if topology_changed {
             self.routes = Routes::compute(self.gossip.data());
-            let table = RouteTable::compute(self.gossip.data());
-            if self.view.routes != table {
-                self.view.routes = table;
-                self.events.push_back(Event::ViewChanged);
+            // GC removes the peers we cannot reach even over connections reported the other
+            // way round; when our routes reach every peer there are none (and removing
+            // unreachable peers would not change the routes).
+            if self.routes.unicast_all.len() + 1 < self.gossip.data().len() {
+                let keep: BTreeSet<PeerName> = self.conns.keys().copied().collect();
+                for gone in self.gossip.data_mut().gc(&keep) {
+                    tracing::info!("Removed unreachable peer {}({})", gone.name, gone.nickname);
+                }
+            }
+            if self.config.data_plane {
+                let table = RouteTable::compute(self.gossip.data());
+                if self.view.routes != table {
+                    self.view.routes = table;
+                    self.events.push_back(Event::ViewChanged);
+                }
             }
             if !self.channels.is_empty() {
                 let peers = self.peer_infos();
@@ -691,6 +713,11 @@ impl Node {
             let msg = self.gossip.message(self.me(), payload);
             self.spread(&msg, exclude);
         }
+        let due = self.maker.poll_timeout().is_some_and(|t| t <= now);
+        if !(topology_changed || self.maker_dirty || due) {
+            return;
+        }
+        self.maker_dirty = false;
         self.last_tick = now;
         for addr in self.maker.tick(now, self.gossip.data()) {
             tracing::debug!(%addr, "dialling");

@@ -330,6 +330,7 @@ impl SimNet {
         let config = NodeConfig {
             conn_limit,
             discovery,
+            data_plane: false,
             ..NodeConfig::new(h.name, format!("sim{i}"), uid)
         };
         let mut node = Node::new(config, initial, Box::new(SimRng::new(seed)), now);
@@ -539,7 +540,7 @@ impl SimNet {
                     self.with_node(from.0, |n| n.attempt_failed(now, addr, error, false));
                     return;
                 };
-                self.connect(from, (to, to_life));
+                self.establish(from, (to, to_life));
             }
             SimEvent::DialFailed { host, addr, error } => {
                 if self.alive(host) {
@@ -577,7 +578,7 @@ impl SimNet {
     }
 
     /// Both handshakes done: register the connection at both ends.
-    fn connect(&mut self, from: (usize, u64), to: (usize, u64)) {
+    fn establish(&mut self, from: (usize, u64), to: (usize, u64)) {
         let now = self.now;
         let id = self.next_conn;
         self.next_conn += 1;
@@ -826,6 +827,25 @@ impl SimNet {
             reached.insert(n.me());
             reached == names && fingerprint(n) == reference
         })
+    }
+
+    /// `weave connect`: node `i` adds node `j` to its direct peers (and dials it).
+    pub fn connect(&mut self, i: usize, j: usize) {
+        let Some(addr) = self.hosts.get(j).map(|h| h.addr) else {
+            return;
+        };
+        let now = self.now;
+        self.with_node(i, |n| {
+            n.connect(
+                now,
+                vec![DirectPeer {
+                    spec: addr.ip().to_string(),
+                    addr,
+                    port_given: false,
+                }],
+                false,
+            );
+        });
     }
 
     /// Something outside the simulation changed what host `i`'s applications want to send:
