@@ -513,9 +513,9 @@ impl Allocator {
 
     /// Addresses are released after [`DEAD_GRACE`] unless it starts again first; its waiting
     /// requests are cancelled now.
-    pub fn container_died(&mut self, _now: Instant, ident: &str) {
+    pub fn container_died(&mut self, now: Instant, ident: &str) {
         if self.owned.contains_key(ident) {
-            self.dead.insert(ident.to_string(), _now);
+            self.dead.insert(ident.to_string(), now);
         }
         self.cancel_ident(ident);
         self.flush();
@@ -559,8 +559,7 @@ impl Allocator {
     }
 
     /// `weave reset`: cancel everything, hand our ranges to an heir, forget our space.
-    pub fn leave(&mut self, now: Instant) {
-        let _ = now;
+    pub fn leave(&mut self, _now: Instant) {
         for id in self
             .primes
             .drain(..)
