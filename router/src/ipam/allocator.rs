@@ -668,7 +668,7 @@ impl Allocator {
         let new: Vec<PeerName> = reachable.difference(&self.reachable).copied().collect();
         self.reachable = reachable;
         // Newcomers get our state at once rather than at the next periodic gossip.
-        if !self.left && (!self.ring.is_empty() || self.proposing) {
+        if self.gossips() {
             for p in new {
                 self.unicast(p, Message::State(self.state()));
             }
@@ -727,11 +727,11 @@ impl Allocator {
                 if !self.ring.is_empty() {
                     self.unicast(src, Message::State(self.state()));
                 } else if let Some(node) = &mut self.paxos {
-                    let learnt = node.update(&knows);
+                    node.update(&knows);
                     let changed = node.think();
                     if let Some(v) = node.consensus() {
                         self.create_ring(now, &v.value);
-                    } else if changed || (learnt && kind == GossipKind::Unicast) {
+                    } else if changed {
                         self.broadcast();
                     }
                 }
@@ -880,7 +880,7 @@ impl Allocator {
         }
         if now >= self.next_gossip {
             self.next_gossip = now + GOSSIP_INTERVAL;
-            if !self.left && (!self.ring.is_empty() || self.proposing) {
+            if self.gossips() {
                 self.send(AppSend::Neighbours {
                     payload: Message::State(self.state()).encode(),
                 });
@@ -905,8 +905,7 @@ impl Allocator {
             )
             .chain(self.allocs.iter().map(|a| a.since))
             .map(|t| t + timeout);
-        let gossip =
-            (!self.left && (!self.ring.is_empty() || self.proposing)).then_some(self.next_gossip);
+        let gossip = self.gossips().then_some(self.next_gossip);
         deadlines
             .chain(self.dead.values().map(|t| *t + DEAD_GRACE))
             .chain((waiting || self.proposing).then_some(self.next_tick))
@@ -962,11 +961,7 @@ impl Allocator {
             let mut r = self.ring.clone();
             r.me = PeerName::UNKNOWN;
             Body::Ring(r)
-        } else if let Some(node) = self
-            .paxos
-            .as_ref()
-            .filter(|n| self.proposing || n.known_nodes() > 1)
-        {
+        } else if let Some(node) = &self.paxos {
             Body::Paxos(node.knows.clone())
         } else {
             Body::Request
@@ -975,6 +970,13 @@ impl Allocator {
             nicknames: self.nicknames.clone(),
             body,
         }
+    }
+
+    /// Whether we gossip our state: the ring once there is one; while there is none, electors
+    /// gossip their Paxos claims (so a proposer knows every elector it may give a share to),
+    /// observers nothing.
+    fn gossips(&self) -> bool {
+        !self.left && (!self.ring.is_empty() || self.paxos.is_some())
     }
 
     fn label(&self, p: PeerName) -> String {
@@ -1455,7 +1457,7 @@ impl Allocator {
         let status = if self.ring.is_empty() {
             match (&self.config.init, &self.paxos) {
                 (InitMode::Consensus { quorum }, Some(node))
-                    if self.proposing || node.known_nodes() > 1 =>
+                    if self.proposing || node.in_progress() =>
                 {
                     format!(
                         "awaiting consensus (quorum: {quorum}, known: {})",
