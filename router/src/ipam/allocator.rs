@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand_core::RngCore;
@@ -88,6 +89,9 @@ pub struct Allocator {
     /// Peers we had IPAM messages from.
     ipam_peers: BTreeSet<PeerName>,
     owned: BTreeMap<String, Owned>,
+    /// `owned` as persisted, kept in step, shared with the [`Persisted`] handed out (so
+    /// persisting after a change costs O(1) here, not O(containers)).
+    persist_owned: Arc<BTreeMap<String, PersistedOwned>>,
     dead: BTreeMap<String, Instant>,
     primes: Vec<PendingPrime>,
     claims: Vec<PendingClaim>,
@@ -193,6 +197,7 @@ impl Allocator {
             reachable: BTreeSet::new(),
             ipam_peers: BTreeSet::new(),
             owned: BTreeMap::new(),
+            persist_owned: Arc::default(),
             dead: BTreeMap::new(),
             primes: Vec::new(),
             claims: Vec::new(),
@@ -220,6 +225,7 @@ impl Allocator {
                     a.ring = Ring::new(start, end, me);
                     a.space.clear();
                     a.owned.clear();
+                    a.persist_owned = Arc::default();
                     a.dirty = true;
                 }
             }
@@ -274,7 +280,7 @@ impl Allocator {
             .collect::<Result<_, _>>()?;
         ring.check_invariants().map_err(|e| e.to_string())?;
         let mut owned = BTreeMap::new();
-        for (ident, o) in &p.owned {
+        for (ident, o) in p.owned.iter() {
             let cidrs = o
                 .cidrs
                 .iter()
@@ -303,6 +309,7 @@ impl Allocator {
             }
         }
         self.owned = owned;
+        self.persist_owned = Arc::new(p.owned.as_ref().clone());
         self.report_free();
         Ok(())
     }
@@ -506,9 +513,9 @@ impl Allocator {
 
     /// Addresses are released after [`DEAD_GRACE`] unless it starts again first; its waiting
     /// requests are cancelled now.
-    pub fn container_died(&mut self, _now: Instant, ident: &str) {
+    pub fn container_died(&mut self, now: Instant, ident: &str) {
         if self.owned.contains_key(ident) {
-            self.dead.insert(ident.to_string(), _now);
+            self.dead.insert(ident.to_string(), now);
         }
         self.cancel_ident(ident);
         self.flush();
@@ -552,8 +559,7 @@ impl Allocator {
     }
 
     /// `weave reset`: cancel everything, hand our ranges to an heir, forget our space.
-    pub fn leave(&mut self, now: Instant) {
-        let _ = now;
+    pub fn leave(&mut self, _now: Instant) {
         for id in self
             .primes
             .drain(..)
@@ -576,6 +582,7 @@ impl Allocator {
         }
         self.space.clear();
         self.owned.clear();
+        self.persist_owned = Arc::default();
         self.dead.clear();
         self.paxos = None;
         self.proposing = false;
@@ -661,7 +668,7 @@ impl Allocator {
         let new: Vec<PeerName> = reachable.difference(&self.reachable).copied().collect();
         self.reachable = reachable;
         // Newcomers get our state at once rather than at the next periodic gossip.
-        if !self.left && (!self.ring.is_empty() || self.proposing) {
+        if self.gossips() {
             for p in new {
                 self.unicast(p, Message::State(self.state()));
             }
@@ -720,11 +727,11 @@ impl Allocator {
                 if !self.ring.is_empty() {
                     self.unicast(src, Message::State(self.state()));
                 } else if let Some(node) = &mut self.paxos {
-                    let learnt = node.update(&knows);
+                    node.update(&knows);
                     let changed = node.think();
                     if let Some(v) = node.consensus() {
                         self.create_ring(now, &v.value);
-                    } else if changed || (learnt && kind == GossipKind::Unicast) {
+                    } else if changed {
                         self.broadcast();
                     }
                 }
@@ -807,13 +814,16 @@ impl Allocator {
         }
     }
 
-    /// `src` has nothing free in `[start, end)`: claims of an address there fail.
+    /// `src` has nothing free in `[start, end)`: claims of an address there that `src` still
+    /// owns fail. (Its ring came just before: a claim whose address it gave away meanwhile
+    /// has been sent on to the new owner.)
     fn denied(&mut self, src: PeerName, start: u64, end: u64) {
         let mut failed = Vec::new();
         let owner = self.label(src);
+        let ring = &self.ring;
         self.claims.retain(|c| {
             let a = u64::from(u32::from(c.cidr.addr));
-            if a >= start && a < end {
+            if a >= start && a < end && ring.owner(a) == Some(src) {
                 failed.push((c.id, c.cidr.addr));
                 false
             } else {
@@ -870,7 +880,7 @@ impl Allocator {
         }
         if now >= self.next_gossip {
             self.next_gossip = now + GOSSIP_INTERVAL;
-            if !self.left && (!self.ring.is_empty() || self.proposing) {
+            if self.gossips() {
                 self.send(AppSend::Neighbours {
                     payload: Message::State(self.state()).encode(),
                 });
@@ -895,8 +905,7 @@ impl Allocator {
             )
             .chain(self.allocs.iter().map(|a| a.since))
             .map(|t| t + timeout);
-        let gossip =
-            (!self.left && (!self.ring.is_empty() || self.proposing)).then_some(self.next_gossip);
+        let gossip = self.gossips().then_some(self.next_gossip);
         deadlines
             .chain(self.dead.values().map(|t| *t + DEAD_GRACE))
             .chain((waiting || self.proposing).then_some(self.next_tick))
@@ -952,11 +961,7 @@ impl Allocator {
             let mut r = self.ring.clone();
             r.me = PeerName::UNKNOWN;
             Body::Ring(r)
-        } else if let Some(node) = self
-            .paxos
-            .as_ref()
-            .filter(|n| self.proposing || n.known_nodes() > 1)
-        {
+        } else if let Some(node) = &self.paxos {
             Body::Paxos(node.knows.clone())
         } else {
             Body::Request
@@ -965,6 +970,13 @@ impl Allocator {
             nicknames: self.nicknames.clone(),
             body,
         }
+    }
+
+    /// Whether we gossip our state: the ring once there is one; while there is none, electors
+    /// gossip their Paxos claims (so a proposer knows every elector it may give a share to),
+    /// observers nothing.
+    fn gossips(&self) -> bool {
+        !self.left && (!self.ring.is_empty() || self.paxos.is_some())
     }
 
     fn label(&self, p: PeerName) -> String {
@@ -1063,14 +1075,34 @@ impl Allocator {
             (ident.to_string(), looks_like_container(ident))
         };
         self.owned
-            .entry(key)
+            .entry(key.clone())
             .or_insert(Owned {
                 is_container,
                 cidrs: Vec::new(),
             })
             .cidrs
             .push(cidr);
+        self.persist_ident(&key);
         self.dirty = true;
+    }
+
+    /// Bring `persist_owned`'s entry for `ident` in step with `owned`.
+    fn persist_ident(&mut self, ident: &str) {
+        let map = Arc::make_mut(&mut self.persist_owned);
+        match self.owned.get(ident) {
+            Some(o) => {
+                map.insert(
+                    ident.to_string(),
+                    PersistedOwned {
+                        is_container: o.is_container,
+                        cidrs: o.cidrs.iter().map(ToString::to_string).collect(),
+                    },
+                );
+            }
+            None => {
+                map.remove(ident);
+            }
+        }
     }
 
     /// Drop one address of `ident` from the records, and free it in our space.
@@ -1083,6 +1115,7 @@ impl Allocator {
             }
         }
         self.space.release(u64::from(u32::from(addr)));
+        self.persist_ident(ident);
         self.dirty = true;
     }
 
@@ -1091,6 +1124,7 @@ impl Allocator {
             for c in o.cidrs {
                 self.space.release(u64::from(u32::from(c.addr)));
             }
+            self.persist_ident(ident);
             self.dirty = true;
         }
         self.dead.remove(ident);
@@ -1410,19 +1444,7 @@ impl Allocator {
                     .collect(),
                 seeds: self.ring.seeds.iter().map(ToString::to_string).collect(),
             },
-            owned: self
-                .owned
-                .iter()
-                .map(|(k, o)| {
-                    (
-                        k.clone(),
-                        PersistedOwned {
-                            is_container: o.is_container,
-                            cidrs: o.cidrs.iter().map(ToString::to_string).collect(),
-                        },
-                    )
-                })
-                .collect(),
+            owned: self.persist_owned.clone(),
             nicknames: self
                 .nicknames
                 .iter()
@@ -1435,7 +1457,7 @@ impl Allocator {
         let status = if self.ring.is_empty() {
             match (&self.config.init, &self.paxos) {
                 (InitMode::Consensus { quorum }, Some(node))
-                    if self.proposing || node.known_nodes() > 1 =>
+                    if self.proposing || node.in_progress() =>
                 {
                     format!(
                         "awaiting consensus (quorum: {quorum}, known: {})",
@@ -1544,6 +1566,20 @@ impl Allocator {
                     return Err(format!("{c} recorded but free"));
                 }
             }
+        }
+        let fresh: BTreeMap<String, PersistedOwned> = self
+            .owned
+            .iter()
+            .map(|(k, o)| {
+                let p = PersistedOwned {
+                    is_container: o.is_container,
+                    cidrs: o.cidrs.iter().map(ToString::to_string).collect(),
+                };
+                (k.clone(), p)
+            })
+            .collect();
+        if *self.persist_owned != fresh {
+            return Err("the persisted owned map is out of step".into());
         }
         Ok(())
     }

@@ -144,8 +144,9 @@ pub struct Persisted {
     /// The universe, as CIDR text.
     pub range: String,
     pub ring: PersistedRing,
-    /// ident → its addresses.
-    pub owned: BTreeMap<String, PersistedOwned>,
+    /// ident → its addresses. Shared with the allocator, so handing it out is O(1); the
+    /// allocator copies it on its next change if this is still alive then (drop it once saved).
+    pub owned: std::sync::Arc<BTreeMap<String, PersistedOwned>>,
     /// Peers' nicknames (for `rmpeer` by nickname after they left).
     #[serde(default)]
     pub nicknames: BTreeMap<String, String>,

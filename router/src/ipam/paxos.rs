@@ -181,6 +181,11 @@ impl Node {
         v
     }
 
+    /// Someone proposed: consensus is under way.
+    pub fn in_progress(&self) -> bool {
+        self.knows.values().any(|c| c.promise.valid())
+    }
+
     /// Nodes heard from (us included).
     pub fn known_nodes(&self) -> usize {
         self.knows.len()

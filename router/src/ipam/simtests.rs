@@ -89,6 +89,8 @@ fn three_peers_reach_consensus_on_the_simulated_mesh() {
         "{replies:?}"
     );
     let seeds = apps[0].borrow().allocator.ring().seeds.clone();
+    // Idle electors gossip their claims: the proposer gives every one of them a share.
+    assert_eq!(seeds.len(), 3, "{seeds:?}");
     for a in &apps {
         let a = a.borrow();
         assert_eq!(a.allocator.ring().seeds, seeds);
