@@ -150,8 +150,24 @@ fn one_host_allocates_from_the_range_and_keeps_addresses_across_a_restart() -> R
         );
         ensure!(addrs_of(h, "aa")? == a, "aa kept its address");
 
-        // Detach gives the address back: the next container may get it.
+        // Detach gives the address back, and so does removing a container.
+        let active = || -> Result<u64> {
+            let out = h.weave(["report", "-f", "{{.IPAM.ActiveIPs}}"])?.ok()?;
+            Ok(out.stdout_trim().parse()?)
+        };
+        let before = active()?;
         h.weave(["detach", "dd"])?.ok()?;
+        let after = active()?;
+        ensure!(
+            after == before - 1,
+            "detach released dd's address: {before} -> {after}; {}",
+            h.weave(["report"])?.stdout
+        );
+        h.docker(["rm", "-f", "ee"])?.ok()?;
+        eventually("ee's address released on destroy", patience(), || {
+            ensure!(active()? == before - 2, "still {} active", active()?);
+            Ok(())
+        })?;
         let hide = h.weave(["hide"])?.ok()?;
         ensure!(hide.stdout_trim() == exposed_ip.to_string(), "hide: {hide}");
         Ok(())
@@ -266,8 +282,12 @@ fn three_hosts_allocate_unique_addresses_across_restarts_and_partitions() -> Res
         for h in c.hosts() {
             ensure!(ipam_status_line(h)? == "ready", "{} not ready", h.name());
         }
+        // The ring is split among the peers the vote knew of: a quorum at least.
         let shares = c.host(0).weave(["status", "ipam"])?.ok()?.stdout;
-        ensure!(shares.lines().count() == 3, "three owners:\n{shares}");
+        ensure!(
+            (2..=3).contains(&shares.lines().count()),
+            "two or three owners:\n{shares}"
+        );
 
         // 60 containers, 20 per host, 4 at a time per host, all hosts at once.
         let started = Instant::now();

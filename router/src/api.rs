@@ -57,7 +57,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The message for address specs that need IPAM when it is off.
-pub const IPAM_UNAVAILABLE: &str = "IP address allocation must be enabled to use 'net:' \
+pub const IPAM_UNAVAILABLE: &str = "IP address allocation (IPAM) must be enabled to use 'net:' \
      (weave was launched with --ipalloc-range \"\"): use an explicit address like 10.32.1.1/24";
 /// `GET /interfaces/{target}` for the bridge itself.
 pub const BRIDGE_TARGET: &str = "weave:expose";
@@ -910,6 +910,9 @@ async fn handle(state: &ApiState, access: Access, req: Request<Incoming>) -> Res
                 Ok(specs) => specs,
                 Err(message) => return error(StatusCode::BAD_REQUEST, message),
             };
+            if state.ipam.is_none() && specs.iter().any(|s| !matches!(s, AddrSpec::Explicit(_))) {
+                return error(StatusCode::BAD_REQUEST, IPAM_UNAVAILABLE);
+            }
             let found = match containers::verify(&*state.containers, &container, body.pid).await {
                 Ok(found) => found,
                 Err(e) => return error(container_status(&e), e.to_string()),

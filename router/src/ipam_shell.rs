@@ -479,10 +479,14 @@ impl Actor {
                 let _ = reply.send(self.core.lookup(&ident, subnet));
             }
             Command::Free { ident, addr, reply } => {
-                let _ = reply.send(self.core.free(now, &ident, addr));
+                let result = self.core.free(now, &ident, addr);
+                self.publish();
+                let _ = reply.send(result);
             }
             Command::Delete { ident, reply } => {
-                let _ = reply.send(self.core.delete(now, &ident));
+                let result = self.core.delete(now, &ident);
+                self.publish();
+                let _ = reply.send(result);
             }
             Command::Owned { reply } => {
                 let _ = reply.send(self.core.owned());
@@ -494,10 +498,13 @@ impl Actor {
                     self.core.cancel(id);
                 }
                 self.core.leave(now);
+                self.publish();
                 let _ = reply.send(());
             }
             Command::Rmpeer { peer, reply } => {
-                let _ = reply.send(self.core.rmpeer(now, &peer));
+                let result = self.core.rmpeer(now, &peer);
+                self.publish();
+                let _ = reply.send(result);
             }
             Command::Container { ident, event } => {
                 self.core.container_event(now, &ident, event);
@@ -541,13 +548,16 @@ impl Actor {
         }
     }
 
-    /// Everything the core asked for, in order; then the status it now reports.
+    /// Everything the core asked for, in order (state saved before any reply goes out); the
+    /// status it now reports is published before the replies, so a caller that got its answer
+    /// reads a status that includes it.
     async fn drain(&mut self) {
+        let mut replies = Vec::new();
         while let Some(output) = self.core.poll_output() {
             match output {
                 CoreOutput::Reply { id, result } => {
                     if let Some(waiter) = self.pending.remove(&id) {
-                        let _ = waiter.send(result);
+                        replies.push((waiter, result));
                     }
                 }
                 CoreOutput::Send(msg) => self.outgoing(Outgoing::Send(msg)),
@@ -564,6 +574,13 @@ impl Actor {
                 }
             }
         }
+        self.publish();
+        for (waiter, result) in replies {
+            let _ = waiter.send(result);
+        }
+    }
+
+    fn publish(&mut self) {
         let status = self.core.status();
         self.status.send_if_modified(|s| {
             if *s == status {

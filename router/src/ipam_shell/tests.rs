@@ -402,9 +402,18 @@ async fn the_allocator_keeps_addresses_across_a_restart() {
             now: now(),
         })
     };
+    // As the mesh does when the channel opens: the peer list (just us) comes first.
+    let peers = AppEvent::Peers(vec![crate::mesh::app::PeerInfo {
+        name: me,
+        nickname: "one".into(),
+        reachable: true,
+    }]);
     let run = |core: Box<dyn Core>| {
         let log = Arc::new(Log::default());
         let (events_tx, events_rx) = mpsc::channel::<AppEvent>(8);
+        events_tx
+            .try_send(peers.clone())
+            .expect("room for the peer list");
         let wire = Wire {
             events: futures::stream::unfold(events_rx, |mut rx| async move {
                 rx.recv().await.map(|e| (e, rx))
