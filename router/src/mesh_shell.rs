@@ -1579,11 +1579,15 @@ mod tests {
             Some(AppEvent::Peers(p)) => p.len() == 2 && p.iter().all(|i| i.reachable),
             other => panic!("expected the peer list first: {other:?}"),
         };
-        while !met {
-            match next_app_event(&mut cb).await {
-                Some(AppEvent::Peers(p)) if p.len() == 2 && p.iter().all(|i| i.reachable) => break,
-                Some(AppEvent::Peers(_)) => {}
-                other => panic!("expected peer lists: {other:?}"),
+        if !met {
+            loop {
+                match next_app_event(&mut cb).await {
+                    Some(AppEvent::Peers(p)) if p.len() == 2 && p.iter().all(|i| i.reachable) => {
+                        break
+                    }
+                    Some(AppEvent::Peers(_)) => {}
+                    other => panic!("expected peer lists: {other:?}"),
+                }
             }
         }
         ca.send(AppSend::Broadcast {
