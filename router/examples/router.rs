@@ -49,6 +49,7 @@ async fn main() -> ExitCode {
         trusted_subnets: Vec::new(),
         ipam: None,
         ipam_state: std::env::temp_dir().join("weave-ipam-unused.json"),
+        dns: None,
     };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -24,6 +24,7 @@ pub mod capture;
 pub mod checksum;
 pub mod containers;
 mod control;
+pub mod dns;
 pub mod feed;
 pub mod fragment;
 pub mod gro;
@@ -105,6 +106,8 @@ pub struct RouterConfig {
     pub ipam: Option<ipam_shell::IpamSettings>,
     /// Where IPAM keeps its state across restarts.
     pub ipam_state: PathBuf,
+    /// weaveDNS (`None`: `--no-dns`).
+    pub dns: Option<dns::DnsConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -114,6 +114,7 @@ fn api_end_to_end() {
             trusted_subnets: Vec::new(),
             ipam: None,
             ipam_state: std::env::temp_dir().join("weave-ipam-unused.json"),
+            dns: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let table = Arc::new(Table::default());

@@ -79,6 +79,7 @@ pub async fn router(args: RouterArgs, client: RouterClient) -> Result<()> {
         trusted_subnets: args.trusted_subnets.unwrap_or_default().0,
         ipam,
         ipam_state: args.ipam_state,
+        dns: None,
     };
     weave_router::run(config, Arc::new(containers), shutdown_signal())
         .await
